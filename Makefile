@@ -1,0 +1,26 @@
+# The two commands (see README.md): `make run` and `make test`. Both set everything up first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out
+
+.PHONY: run test setup lint bench
+
+$(VENV)/.echowh-setup: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(VENV)/.echowh-setup
+
+# Main job: extraction (with the zero-ablation grid) + report on the embedded SmolLM2-135M.
+run: setup
+	$(BIN)/echowh extract --out $(OUT)/warehouse --resume
+	$(BIN)/echowh report -w $(OUT)/warehouse -o $(OUT)/report.html
+
+# Tests: also installs Debian's chromium (report rendering) and hdf5-tools (h5dump) when root.
+test: setup
+	bash scripts/setup.sh --browser
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_extract.py

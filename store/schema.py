@@ -1,0 +1,207 @@
+"""The warehouse schema: the one contract between extraction, queries and reports.
+
+A warehouse is a directory::
+
+    W/
+      manifest.json            run metadata (model, prompt set, config, timings, validation)
+      model.h5                 per-model arrays: folded unembedding rows, vocab text, head groups
+      prompts/p00000.h5 ...    one immutable shard per prompt (clean-run tensors)
+      ablation/p00000.h5 ...   one immutable shard per prompt (ablation results), optional
+
+Every shard is written as ``*.partial`` and renamed when complete, so a killed run never
+leaves a half-written file under its final name.
+
+Datasets are named by a typed :class:`Field` (never by parsing strings): each field knows
+its HDF5 name, its axes and whether it is an activation (stored in ``--store-dtype``).
+Axis symbols: L layers, B = L + 1 residual boundaries, T tokens of the prompt, H query
+heads, D d_model, K top-k, N generated tokens, M ablation modes, U ablation units
+(H heads, then the attention block, then the MLP block).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+SCHEMA_VERSION = 1
+WAREHOUSE_KIND = "echo-warehouse"
+MANIFEST_NAME = "manifest.json"
+MODEL_FILE = "model.h5"
+PROMPTS_DIR = "prompts"
+ABLATION_DIR = "ablation"
+PARTIAL_SUFFIX = ".partial"
+
+StoreDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Role(enum.IntEnum):
+    """What a token position is, stored per position as ``position_role``."""
+
+    FIRST = 0  # position 0 (BOS or <|im_start|>): the attention-sink candidate
+    TEMPLATE = 1  # chat template, system prompt and instruction text before the word
+    WORD = 2  # tokens of the word itself
+    SUFFIX = 3  # tokens after the word, before the last position
+    LAST = 4  # the last position: where the answer's first token is predicted
+
+
+class Mode(enum.IntEnum):
+    """Ablation mode, the first axis of every ablation dataset."""
+
+    ZERO = 0
+    MEAN = 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """One dataset in a shard: name, axes and meaning."""
+
+    name: str
+    axes: tuple[str, ...]
+    dtype: str  # numpy dtype of the values handed to the writer ("str" = utf-8 text)
+    doc: str
+    activation: bool = False  # stored in the run's --store-dtype
+    optional: bool = False
+
+
+class F:
+    """Fields of a prompt shard (``prompts/pNNNNN.h5``)."""
+
+    INPUT_IDS = Field("input_ids", ("T",), "int32", "token ids of the prompt")
+    TOKEN_TEXT = Field("token_text", ("T",), "str", "each token decoded on its own")
+    POSITION_ROLE = Field("position_role", ("T",), "int8", "store.schema.Role per position")
+    RESID = Field(
+        "resid", ("B", "T", "D"), "float32",
+        "residual stream at every layer boundary: [0] = embeddings, [l] = input of block l, "
+        "[L] = output of the last block (before the final norm)", activation=True,
+    )
+    ATTN_OUT = Field("attn_out", ("L", "T", "D"), "float32", "attention block output", activation=True)
+    MLP_OUT = Field("mlp_out", ("L", "T", "D"), "float32", "MLP block output", activation=True)
+    HEAD_OUT = Field(
+        "head_out", ("L", "H", "D"), "float32",
+        "per-head output at the last position: the head's slice of the o_proj input times its "
+        "slice of W_O (o_proj bias excluded)", activation=True,
+    )
+    HEAD_OUT_ALL = Field(
+        "head_out_all", ("L", "T", "H", "D"), "float32",
+        "per-head output at every position (only with --head-out-all-positions)",
+        activation=True, optional=True,
+    )
+    ATTN_PATTERN = Field(
+        "attn_pattern", ("L", "H", "T", "T"), "float32",
+        "attention weights [layer, head, query position, key position]", activation=True,
+    )
+    LENS_TOPK_IDS = Field("lens_topk_ids", ("B", "K"), "int32", "logit-lens top-k token ids per boundary (last position)")
+    LENS_TOPK_LOGITS = Field("lens_topk_logits", ("B", "K"), "float32", "their logits")
+    LENS_TOPK_PROBS = Field("lens_topk_probs", ("B", "K"), "float32", "their softmax probabilities")
+    LENS_TARGET_LOGIT = Field("lens_target_logit", ("B",), "float32", "target token logit per boundary")
+    LENS_TARGET_PROB = Field("lens_target_prob", ("B",), "float32", "target token probability per boundary")
+    LENS_TARGET_RANK = Field("lens_target_rank", ("B",), "int32", "target rank per boundary (0 = top-1)")
+    FINAL_LOGITS = Field("final_logits", ("V",), "float32", "the model's logits at the last position")
+    FINAL_SCALE = Field(
+        "final_scale", (), "float32",
+        "1/rms of the last residual at the last position: the frozen final-norm scale of DLA",
+    )
+    DLA_EMBED = Field("dla_embed", (), "float32", "direct logit attribution of the embedding to the target")
+    DLA_HEAD = Field("dla_head", ("L", "H"), "float32", "DLA of every head to the target")
+    DLA_ATTN_BIAS = Field("dla_attn_bias", ("L",), "float32", "DLA of the o_proj bias (0 without one)")
+    DLA_MLP = Field("dla_mlp", ("L",), "float32", "DLA of every MLP to the target")
+    GENERATED_IDS = Field("generated_ids", ("N",), "int32", "greedy continuation token ids")
+    VALIDATION = Field("validation", ("I",), "compound", "invariant checks of this prompt")
+
+    ALL: tuple[Field, ...] = ()  # filled below
+
+
+F.ALL = tuple(v for v in vars(F).values() if isinstance(v, Field))
+
+# Attributes every prompt shard carries (name -> meaning).
+PROMPT_ATTRS: dict[str, str] = {
+    "prompt_index": "index of the prompt in the manifest's prompt list",
+    "word": "the word",
+    "template_index": "index of the template in the manifest",
+    "template": "the template text, with {word}",
+    "text": "the full prompt text as the model saw it",
+    "fingerprint": "the run fingerprint (must match the manifest's)",
+    "n_tokens": "number of prompt tokens T",
+    "target_id": "target token id: first token of the answer as the model writes it",
+    "target_text": "target token text",
+    "target_form": "which written form of the word the target comes from (word, ' word', Word, ' Word')",
+    "word_multi_token": "the chosen written form splits into several tokens",
+    "top1_id": "the model's top-1 token at the last position",
+    "generation": "greedy continuation text",
+    "echo_first_token": "the greedy first token equals the target token",
+    "echo_correct": "the continuation, stripped of spaces, quotes and final punctuation, equals the word (any case)",
+}
+
+# The invariants of DESIGN.md checked for every prompt.
+INVARIANTS: dict[str, str] = {
+    "logits_from_resid": "model logits == final norm(last residual) @ W_U (full vocabulary)",
+    "heads_sum_to_attn": "sum of per-head outputs + o_proj bias == attention output (all layers, positions)",
+    "resid_chain": "resid[l] + attn_out[l] + mlp_out[l] == resid[l+1] (all layers, positions)",
+    "dla_sums_to_logit": "embed + head + bias + MLP DLA terms == target logit (frozen final scale)",
+    "lens_last_is_logits": "logit lens at the last boundary == model logits (full vocabulary)",
+}
+VALIDATION_DTYPE = [
+    ("invariant", "S32"),
+    ("max_abs_err", "<f8"),
+    ("rel_err", "<f8"),  # max_abs_err / max(1, max |reference|)
+    ("tolerance", "<f8"),
+    ("passed", "?"),
+]
+
+# Tolerance on rel_err per compute dtype.
+TOLERANCE: dict[str, float] = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+class M:
+    """Fields of the model file (``model.h5``)."""
+
+    UNEMBED_IDS = Field("unembed_ids", ("R",), "int32", "token ids of the stored unembedding rows")
+    UNEMBED_ROWS = Field(
+        "unembed_rows", ("R", "D"), "float32",
+        "W_U rows with the final-norm weight folded in: logit = final_scale * resid . row",
+    )
+    FINAL_NORM_WEIGHT = Field("final_norm_weight", ("D",), "float32", "final RMSNorm weight")
+    KV_GROUP = Field("kv_group", ("H",), "int32", "KV head read by each query head (GQA)")
+    VOCAB_TEXT = Field("vocab_text", ("V",), "str", "every token id decoded on its own")
+
+
+MODEL_ATTRS: dict[str, str] = {
+    "model_type": "config.model_type (llama, qwen2)",
+    "n_layers": "L",
+    "n_heads": "H (query heads)",
+    "n_kv_heads": "KV heads",
+    "head_dim": "head dimension",
+    "d_model": "D",
+    "vocab_size": "V",
+    "norm_eps": "final RMSNorm epsilon",
+}
+
+
+class A:
+    """Fields of an ablation shard (``ablation/pNNNNN.h5``); axes (M, L, U[, K])."""
+
+    TARGET_LOGIT = Field("target_logit", ("M", "L", "U"), "float32", "target logit after ablation")
+    TARGET_PROB = Field("target_prob", ("M", "L", "U"), "float32", "target probability after ablation")
+    TARGET_RANK = Field("target_rank", ("M", "L", "U"), "int32", "target rank after ablation (0 = top-1)")
+    LOGIT_DIFF = Field("logit_diff", ("M", "L", "U"), "float32", "clean minus ablated target logit")
+    TOP1_ID = Field("top1_id", ("M", "L", "U"), "int32", "top-1 token after ablation")
+    TOP1_PROB = Field("top1_prob", ("M", "L", "U"), "float32", "its probability")
+    KL = Field("kl", ("M", "L", "U"), "float32", "KL(clean || ablated) over the full vocabulary, nats")
+    TOPK_IDS = Field("topk_ids", ("M", "L", "U", "K"), "int32", "top-k tokens after ablation")
+    TOPK_LOGITS = Field("topk_logits", ("M", "L", "U", "K"), "float32", "their logits")
+
+
+ABLATION_ATTRS: dict[str, str] = {
+    "prompt_index": "index of the prompt",
+    "fingerprint": "the run fingerprint",
+    "modes": "ablation modes on axis M, e.g. ['zero', 'mean']",
+    "positions": "'all' or 'last': where the unit's output was removed",
+    "layers": "the layers on axis L (block indices)",
+    "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block",
+}
+
+
+def prompt_shard_name(index: int) -> str:
+    """File name of a prompt's shard, the same in prompts/ and ablation/."""
+    return f"p{index:05d}.h5"
