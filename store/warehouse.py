@@ -54,6 +54,7 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON next to ``path`` and rename it over: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=PARTIAL_SUFFIX)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a warehouse is meant to be shared
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True, default=_json_default)
         fh.flush()
@@ -94,12 +95,14 @@ class ShardWriter:
         """Store ``value`` under ``field``; activations in the run's store dtype."""
         name = field.name
         if field.dtype == "str":
-            self._f.create_dataset(name, data=np.array(list(value), dtype=h5py.string_dtype()))
+            # HDF5 variable-length strings end at NUL: spell it out (byte-level BPE has one).
+            text = [str(v).replace("\x00", "\\x00") for v in value]
+            self._f.create_dataset(name, data=np.array(text, dtype=h5py.string_dtype()))
             return
         if field.dtype == "compound":
             self._f.create_dataset(name, data=value)
             return
-        arr = np.ascontiguousarray(value, dtype=np.dtype(field.dtype))
+        arr = np.asarray(value, dtype=np.dtype(field.dtype))
         if len(field.axes) != arr.ndim:
             raise ValueError(f"{name}: expected axes {field.axes}, got shape {arr.shape}")
         chunks = (1, *arr.shape[1:]) if arr.ndim >= 2 and arr.shape[0] > 1 else None

