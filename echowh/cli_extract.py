@@ -68,14 +68,14 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--device", type=click.Choice(choices(DeviceChoice)), default="auto", show_default=True)
 @click.option("--store-dtype", type=click.Choice(choices(StoreDtype)), default="float32", show_default=True,
               help="Dtype activations are stored in (float16 keeps float32 where values overflow).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1, 256), default=5, show_default=True,
               help="Greedy continuation length stored per prompt.")
 @click.option("--top-k", type=click.IntRange(1, 100), default=10, show_default=True,
               help="Tokens kept per layer by the logit lens and per ablation.")
 @click.option("--head-out-all-positions", is_flag=True,
               help="Also store per-head outputs at every position (large: L x T x H x D per prompt).")
-@click.option("--batch-size", type=click.IntRange(1, 512), default=8, show_default=True,
-              help="Prompts of equal length run together.")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
+              help="Prompts of equal length run together (no padding: exact).")
 @click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
               help="Ablation modes after extraction: zero, mean, zero,mean or none.")
 @click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",

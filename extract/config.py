@@ -48,7 +48,7 @@ class ExtractConfig:
     """(fingerprint) A system prompt; None keeps the chat template's default one."""
     prepend_bos: bool = False
     """(fingerprint) Put a BOS token at position 0 (the tokenizer's, or <|endoftext|>)."""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 5
     """(fingerprint) Length of the greedy continuation stored per prompt."""
     top_k: int = 10
     """(fingerprint) Tokens kept per layer by the logit lens (and per ablation)."""
@@ -56,7 +56,7 @@ class ExtractConfig:
     """(fingerprint) Dtype activations are stored in; float16 falls back per dataset on overflow."""
     head_out_all_positions: bool = False
     """(fingerprint) Also store per-head outputs at every position (L x T x H x D per prompt)."""
-    batch_size: int = 8
+    batch_size: int = 32
     """Prompts of equal length run together (no padding, so batching is exact)."""
     resume: bool = False
     """Continue a warehouse made with the same fingerprint, skipping finished prompts."""

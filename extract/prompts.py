@@ -176,7 +176,16 @@ def choose_target(prompt: Prompt, logits: np.ndarray) -> tuple[str, int, bool]:
     return form, tid, n > 1
 
 
+_STRIP = "\"'`*_.,!?;:()[]"
+
+
 def is_echo(word: str, generation: str) -> bool:
-    """Did the continuation say the word? Case, spaces, quotes and final punctuation aside."""
-    g = generation.strip().strip("\"'`*").rstrip(".!?,;:").strip("\"'`*").strip()
-    return g.lower() == word.lower()
+    """Does the continuation start by saying the word? Case, quotes and punctuation aside."""
+    parts = generation.split()
+    return bool(parts) and parts[0].strip(_STRIP).lower() == word.lower()
+
+
+def is_exact_echo(word: str, generation: str) -> bool:
+    """Is the continuation the word and nothing else (case, quotes, final punctuation aside)?"""
+    parts = generation.split()
+    return len(parts) == 1 and is_echo(word, generation)

@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +26,11 @@ from extract.prompts import (
     choose_target,
     default_words,
     is_echo,
+    is_exact_echo,
     qwen25_chat_template,
     sha,
 )
 from store.schema import (
-    ABLATION_DIR,
     INVARIANTS,
     TOLERANCE,
     F,
@@ -186,17 +187,30 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
 
     t1 = time.perf_counter()
     bar = tqdm(total=len(pending), unit="prompt", desc="extract", disable=not cfg.progress, file=sys.stderr)
-    for batch in batches(pending, cfg.batch_size):
-        ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
-        cap = capture(adapter, ids)
-        logits_np = cap.logits.cpu().numpy()
-        chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
-        derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
-        gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
-        del cap
-        for p, (form, tid, multi), d, gen in zip(batch, chosen, derived, gens, strict=True):
-            _write_prompt(w, p, form, tid, multi, d, gen, tok, tol, manifest["fingerprint"])
+
+    def write_batch(items) -> None:
+        for args in items:
+            _write_prompt(w, *args, tok, tol, manifest["fingerprint"])
             bar.update(1)
+
+    # One writer thread: a batch's shards are written while the next batch computes. At most
+    # one batch waits, so memory stays flat in the number of prompts.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending_write = None
+        for batch in batches(pending, cfg.batch_size):
+            ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
+            cap = capture(adapter, ids)
+            logits_np = cap.logits.cpu().numpy()
+            chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
+            derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
+            gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
+            del cap
+            items = [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)]
+            if pending_write is not None:
+                pending_write.result()  # re-raises a failed write here
+            pending_write = pool.submit(write_batch, items)
+        if pending_write is not None:
+            pending_write.result()
     bar.close()
     t_extract = time.perf_counter() - t1
 
@@ -245,6 +259,7 @@ def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: boo
             "n_tokens": p.n_tokens, "target_id": tid, "target_text": tok.decode([tid]),
             "target_form": form, "word_multi_token": multi, "top1_id": top1,
             "generation": text, "echo_first_token": top1 == tid, "echo_correct": is_echo(p.word, text),
+            "echo_exact": is_exact_echo(p.word, text),
         })
 
 
@@ -271,5 +286,4 @@ def summarise_validation(root) -> dict[str, dict[str, Any]]:
                 if not row["passed"]:
                     o["failed_prompts"].append(i)
                     o["passed"] = False
-    _ = ABLATION_DIR
     return out

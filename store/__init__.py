@@ -1,14 +1,14 @@
 """The HDF5 warehouse: schema, crash-safe writer, read-only reader (numpy + h5py only)."""
 
 from store.schema import (
+    INVARIANTS,
+    SCHEMA_VERSION,
     A,
     F,
-    INVARIANTS,
-    M,
     Field,
+    M,
     Mode,
     Role,
-    SCHEMA_VERSION,
 )
 from store.warehouse import (
     ShardWriter,

@@ -130,13 +130,14 @@ PROMPT_ATTRS: dict[str, str] = {
     "top1_id": "the model's top-1 token at the last position",
     "generation": "greedy continuation text",
     "echo_first_token": "the greedy first token equals the target token",
-    "echo_correct": "the continuation, stripped of spaces, quotes and final punctuation, equals the word (any case)",
+    "echo_correct": "the continuation starts with the word (any case; quotes and punctuation aside)",
+    "echo_exact": "the continuation is the word and nothing else (any case; quotes and punctuation aside)",
 }
 
 # The invariants of DESIGN.md checked for every prompt.
 INVARIANTS: dict[str, str] = {
     "logits_from_resid": "model logits == final norm(last residual) @ W_U (full vocabulary)",
-    "heads_sum_to_attn": "sum of per-head outputs + o_proj bias == attention output (all layers, positions)",
+    "heads_sum_to_attn": "sum of per-head outputs + o_proj bias == attention output (all layers; every stored position)",
     "resid_chain": "resid[l] + attn_out[l] + mlp_out[l] == resid[l+1] (all layers, positions)",
     "dla_sums_to_logit": "embed + head + bias + MLP DLA terms == target logit (frozen final scale)",
     "lens_last_is_logits": "logit lens at the last boundary == model logits (full vocabulary)",

@@ -1,0 +1,20 @@
+-- name: echo_behaviour
+-- description: Greedy continuation and echo accuracy per template: how often the model's
+--   first generated token is the target, and how often the whole continuation is the word.
+-- column: template_index INTEGER | template number in the manifest
+-- column: template VARCHAR | template text with {word}
+-- column: n_prompts BIGINT | prompts with this template
+-- column: n_echo_first_token BIGINT | prompts whose greedy first token is the target token
+-- column: first_token_accuracy DOUBLE | n_echo_first_token / n_prompts
+-- column: n_echo_correct BIGINT | prompts whose continuation is the word (echo_correct)
+-- column: echo_accuracy DOUBLE | n_echo_correct / n_prompts
+SELECT template_index,
+       any_value(template) AS template,
+       count(*) AS n_prompts,
+       count(*) FILTER (WHERE echo_first_token) AS n_echo_first_token,
+       count(*) FILTER (WHERE echo_first_token) / count(*) AS first_token_accuracy,
+       count(*) FILTER (WHERE echo_correct) AS n_echo_correct,
+       count(*) FILTER (WHERE echo_correct) / count(*) AS echo_accuracy
+FROM prompts
+GROUP BY template_index
+ORDER BY template_index
