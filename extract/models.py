@@ -210,7 +210,11 @@ def pick_device(choice: str) -> torch.device:
 def load_model(name: str, dtype: str = "float32", device: str = "auto", progress: bool = True):
     """Load (model, tokenizer, identity) with eager attention, refusing unsupported types first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     path, ident = resolve_model(name, progress)
     try:
         cfg = AutoConfig.from_pretrained(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class Warehouse:
                 return pl.DataFrame()
             return rel.pl()
         except duckdb.Error as e:
-            raise QueryError(f"{e}\n{self._views_hint()}") from None
+            raise QueryError(f"{_tidy(str(e))}\n{self._views_hint()}") from None
 
     def run_analysis(self, name: str, **params: Any) -> pl.DataFrame:
         """Run a named analysis (see ``list_analyses``) with parameters over its defaults."""
@@ -156,6 +157,16 @@ class Warehouse:
             self._heavy[name] = (key, table)
         self.con.register(name, self._heavy[name][1])
         self._registered_heavy.add(name)
+
+
+def _tidy(message: str) -> str:
+    """DuckDB's message, with its catalog guess replaced by the closest of our views."""
+    m = re.search(r"Table with name (\S+) does not exist", message)
+    if m is None:
+        return message
+    first = message.split("\n", 1)[0]
+    close = difflib.get_close_matches(m.group(1).lower(), list(VIEW_BY_NAME), n=1, cutoff=0.5)
+    return first + (f' Did you mean "{close[0]}"?' if close else "")
 
 
 def _freeze(want: list[dict[str, list[Pred]]]) -> tuple:

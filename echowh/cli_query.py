@@ -1,0 +1,116 @@
+"""`echowh query` and `echowh analyses`: thin wrappers over query.Warehouse (no torch)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import click
+import polars as pl
+
+from echowh.options import warehouse_option
+from query import QueryError, Warehouse, get_analysis, list_analyses
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _flat(df: pl.DataFrame) -> pl.DataFrame:
+    """Lists and vectors as text, for formats that hold only scalars (CSV)."""
+    out = df
+    for name, dtype in df.schema.items():
+        if isinstance(dtype, pl.List | pl.Array | pl.Struct):
+            text = [None if v is None else str(v) for v in df[name].to_list()]
+            out = out.with_columns(pl.Series(name, text, dtype=pl.String))
+    return out
+
+
+def _render(df: pl.DataFrame, fmt: str, max_rows: int) -> str:
+    if fmt == "csv":
+        return _flat(df).write_csv()
+    if fmt == "json":
+        return df.write_json() + "\n"
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=40,
+                   tbl_hide_dataframe_shape=False):
+        return f"{df}\n"
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"-p takes key=value, got {p!r}")
+        out[key.strip()] = value
+    return out
+
+
+@click.command("query")
+@warehouse_option
+@click.argument("sql", required=False)
+@click.option("-a", "--analysis", metavar="NAME", help="Run a named analysis (see `echowh analyses`).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Analysis parameter (repeatable); NULL for the default-off value.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Output format; parquet needs -o.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the result to FILE instead of standard output.")
+@click.option("--max-rows", type=int, default=50, show_default=True,
+              help="Rows shown by --format table (other formats write every row).")
+def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[str, ...],
+          fmt: str, output: Path | None, max_rows: int) -> None:
+    """Run read-only SQL, or a named analysis, over a warehouse.
+
+    \b
+    Examples:
+      echowh query "SELECT word, echo_correct FROM prompts"
+      echowh query -a head_dla -p layer=22 --format csv -o dla.csv
+    The views are listed in the README (or `echowh query "SHOW TABLES"`).
+    """
+    if (sql is None) == (analysis is None):
+        raise click.UsageError("give either SQL or -a NAME (not both)")
+    if params and analysis is None:
+        raise click.UsageError("-p only applies to -a NAME")
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs -o FILE")
+    try:
+        if analysis is not None:
+            get_analysis(analysis)  # unknown name: an error before opening the warehouse
+        with Warehouse(warehouse) as wh:
+            if analysis is not None:
+                df = wh.run_analysis(analysis, **_params(params))
+            else:
+                df = wh.sql(sql or "")
+    except QueryError as e:
+        raise click.ClickException(str(e)) from None
+    if fmt == "parquet":
+        assert output is not None
+        df.write_parquet(output)
+        click.echo(f"wrote {df.height} rows to {output}", err=True)
+        return
+    text = _render(df, fmt, max_rows)
+    if output is not None:
+        output.write_text(text)
+        click.echo(f"wrote {df.height} rows to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@click.command("analyses")
+def analyses() -> None:
+    """List the named analyses with their descriptions, parameters and defaults."""
+    buf = io.StringIO()
+    for a in list_analyses():
+        buf.write(f"{a.name}\n")
+        buf.write(click.wrap_text(a.description, width=88, initial_indent="  ",
+                                  subsequent_indent="  ") + "\n")
+        for p in a.params:
+            default = "NULL" if p.default is None else repr(p.default)
+            buf.write(f"    -p {p.name}=<{p.type}>  default {default}: {p.doc}\n")
+        buf.write("\n")
+    buf.write('Run one with: echowh query -a NAME [-p key=value ...]\n')
+    click.echo(buf.getvalue(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    query(sys.argv[1:])

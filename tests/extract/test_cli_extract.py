@@ -1,0 +1,189 @@
+"""`echowh extract` from the outside: bad input gives one clear line and a non-zero exit and
+damages nothing; a run killed with SIGKILL resumes to exactly the tensors of a clean run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from echowh.cli import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, ["extract", "--quiet", "--ablation", "none", *args])
+
+
+def _words(tmp_path: Path, text: str, name: str = "words.txt") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    return lines[-1]
+
+
+def test_missing_word_file(tmp_path):
+    r = _run("--words", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "w"))
+    assert r.exit_code != 0
+    assert _error_line(r) == f"Error: word file {tmp_path / 'nope.txt'} does not exist"
+    assert not (tmp_path / "w").exists()
+
+
+def test_empty_word_file(tmp_path):
+    f = _words(tmp_path, "# only a comment\n\n")
+    r = _run("--words", f, "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == f"Error: {f} holds no words (one word per line)"
+
+
+def test_duplicate_words(tmp_path):
+    f = _words(tmp_path, "cat\ndog\ncat\n")
+    r = _run("--words", f, "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == f"Error: {f} repeats cat; each word must appear once"
+
+
+def test_malformed_word_line(tmp_path):
+    f = _words(tmp_path, "cat\nhot dog\n")
+    r = _run("--words", f, "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == f"Error: {f}:2: 'hot dog' is not a single word (one word per line)"
+
+
+def test_template_without_word(tiny_qwen2_dir, tmp_path):
+    r = _run("--model", str(tiny_qwen2_dir), "--template", "repeat after me", "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == "Error: template 'repeat after me' must contain {word} exactly once"
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_model_type(tmp_path):
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(d)
+    r = _run("--model", str(d), "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == "Error: model type 'gpt2' is not supported; supported types: llama, qwen2"
+
+
+def test_unknown_model_name(tmp_path):
+    r = _run("--model", "no-such-model", "--out", str(tmp_path / "w"))
+    assert r.exit_code == 1
+    assert _error_line(r) == (
+        "Error: unknown model 'no-such-model': pass a hub id (org/name), a local model folder, "
+        "or smollm2-135m-instruct"
+    )
+
+
+def test_refuses_foreign_directory(tiny_qwen2_dir, tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(d))
+    assert r.exit_code == 1
+    assert _error_line(r) == (
+        f"Error: {d} exists and is not an echo-warehouse (no manifest.json); "
+        "choose an empty or new --out directory"
+    )
+    assert (d / "notes.txt").read_text() == "mine" and len(list(d.iterdir())) == 1
+
+
+def test_existing_warehouse_and_resume_with_another_model(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
+    out = tmp_path / "w"
+    words = _words(tmp_path, "cat\ndog\n")
+    r = _run("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    r = _run("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out))
+    assert r.exit_code == 1
+    assert _error_line(r) == (
+        f"Error: {out} already holds a warehouse; pass --resume to continue it, "
+        "or choose a new --out directory"
+    )
+    r = _run("--model", str(tiny_llama_dir), "--words", words, "--out", str(out), "--resume")
+    assert r.exit_code == 1
+    assert _error_line(r).startswith(f"Error: cannot resume {out}: it was made with a different ")
+    assert "model" in _error_line(r)
+    r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\nbird\n", "other.txt"), "--out", str(out), "--resume")
+    assert r.exit_code == 1 and "words" in _error_line(r)
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before  # nothing damaged
+
+    r = _run("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    assert "4 prompts (0 extracted, 4 already stored)" in r.output
+
+
+def test_every_command_has_help():
+    from echowh.cli import COMMANDS
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for name in COMMANDS:
+        assert name in r.output
+        r = runner.invoke(main, [name, "--help"])
+        assert r.exit_code == 0, (name, r.output)
+        assert "Usage:" in r.output and len(r.output.splitlines()) > 5
+
+
+def _tensors(root: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for sub in ("prompts", "ablation"):
+        for p in sorted((root / sub).glob("*.h5")):
+            with h5py.File(p, "r") as f:
+                for k in f:
+                    if isinstance(f[k], h5py.Dataset):
+                        out[f"{sub}/{p.name}/{k}"] = f[k][()]
+                for k, v in f.attrs.items():
+                    out[f"{sub}/{p.name}@{k}"] = v
+    return out
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_gives_identical_tensors(tiny_qwen2_dir, tmp_path):
+    words = _words(tmp_path, "\n".join(f"w{i}" for i in range(30)) + "\n")
+    args = [sys.executable, "-m", "echowh.cli", "extract", "--quiet", "--model", str(tiny_qwen2_dir),
+            "--words", words, "--batch-size", "1", "--ablation", "zero", "--ablate-layers", "0-1"]
+    clean = tmp_path / "clean"
+    subprocess.run([*args, "--out", str(clean)], check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "prompts").glob("*.h5"))) < 10:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sorted((killed / "prompts").glob("*.h5"))
+    assert 10 <= len(finished) < 60, "the run was not killed mid-way"
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+    for p in killed.rglob("*.h5"):  # every complete-named file opens: no torn shards
+        h5py.File(p, "r").close()
+
+    r = subprocess.run([*args, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {killed}: {len(finished)} of 60 prompts already stored" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in finished} == mtimes  # finished work not redone
+    assert not list(killed.rglob("*.partial"))
+
+    a, b = _tensors(clean), _tensors(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    m = json.loads((killed / "manifest.json").read_text())
+    assert m["status"] == "complete"

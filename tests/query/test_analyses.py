@@ -1,0 +1,193 @@
+"""Each named analysis on the hand-made warehouse: exact results worked out from conftest."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import DLA_HEAD, EMERGENCE, LOGIT_DIFF, T
+
+from query import QueryError, Warehouse, get_analysis, list_analyses
+
+NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_counts",
+         "lens_trajectory", "head_dla", "head_ablation", "dla_vs_ablation",
+         "dla_vs_ablation_corr", "top_heads_consistency", "first_token_attention",
+         "resid_cosine_templates", "bos_cosine", "ablation_flips"}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_catalogue_is_complete_and_self_consistent(wh: Warehouse) -> None:
+    assert {a.name for a in list_analyses()} == NAMES
+    for a in list_analyses():
+        assert a.description, a.name
+        used = set(re.findall(r"\$(\w+)", a.sql))
+        assert used == {p.name for p in a.params}, a.name
+        df = wh.run_analysis(a.name)
+        assert [c[0] for c in a.columns] == df.columns, a.name
+
+
+def test_unknown_analysis_suggests_closest() -> None:
+    with pytest.raises(QueryError, match=r"no analysis named 'head_dl'; did you mean 'head_dla'\?"):
+        get_analysis("head_dl")
+
+
+def test_bad_parameters(wh: Warehouse) -> None:
+    with pytest.raises(QueryError, match=r"analysis head_dla has no parameter 'lay' \(parameters: layer\)"):
+        wh.run_analysis("head_dla", lay=1)
+    with pytest.raises(QueryError, match="parameter layer takes INTEGER, got 'one'"):
+        wh.run_analysis("head_dla", layer="one")
+    with pytest.raises(QueryError, match="parameter layer takes INTEGER, got 1.5"):
+        wh.run_analysis("head_dla", layer=1.5)
+
+
+def test_parameter_text_is_a_value_not_sql(wh: Warehouse) -> None:
+    df = wh.run_analysis("lens_trajectory", word="cat' OR 1=1 --")
+    assert df.height == 0
+
+
+def test_echo_behaviour(wh: Warehouse) -> None:
+    df = wh.run_analysis("echo_behaviour")
+    assert df.select("template_index", "n_prompts", "n_echo_first_token", "first_token_accuracy",
+                     "n_echo_correct", "echo_accuracy").rows() == [(0, 2, 2, 1.0, 2, 1.0), (1, 2, 1, 0.5, 1, 0.5)]
+
+
+def test_echo_agreement(wh: Warehouse) -> None:
+    assert wh.run_analysis("echo_agreement").rows() == [
+        ("cat", 2, True, True, 2, ["cat", "cat"], ["cat", "cat"]),
+        ("dog", 2, False, False, 1, ["dog", "X"], ["dog", "X"]),
+    ]
+
+
+def test_emergence_layer_and_counts(wh: Warehouse) -> None:
+    assert wh.run_analysis("emergence_layer")["emergence_layer"].to_list() == EMERGENCE
+    assert wh.run_analysis("emergence_counts").rows() == [(0, -1, 1), (0, 1, 1), (1, 2, 1), (1, None, 1)]
+
+
+def test_lens_trajectory(wh: Warehouse) -> None:
+    df = wh.run_analysis("lens_trajectory", word="cat", template_index=0, k=1)
+    assert df.select("layer", "token_text", "is_target", "layers_before_emergence").rows() == [
+        (-1, "请", False, 2), (0, "请", False, 1), (1, "cat", True, 0), (2, "cat", True, -1)]
+    assert wh.run_analysis("lens_trajectory").height == 4 * 4 * 3  # k = 5 > K = 3 stored
+
+
+def test_head_dla_default_is_emergence_layer(wh: Warehouse) -> None:
+    df = wh.run_analysis("head_dla")
+    assert df.select("prompt", "layer", "head", "dla_rank").rows() == [
+        (0, 1, 0, 1), (0, 1, 1, 3), (0, 1, 2, 2), (1, 2, 0, 2), (1, 2, 1, 1), (1, 2, 2, 3)]
+    np.testing.assert_allclose(df["dla"].to_numpy(), [*DLA_HEAD[0][1], *DLA_HEAD[1][2]], rtol=1e-6)
+    at0 = wh.run_analysis("head_dla", layer=0)
+    assert at0.height == 12
+    assert at0.filter(at0["prompt"] == 2)["dla_rank"].to_list() == [1, 2, 3]
+
+
+def test_head_ablation(wh: Warehouse) -> None:
+    df = wh.run_analysis("head_ablation")
+    assert df.select("prompt", "layer", "head", "mode", "ablation_rank", "top1_text").rows() == [
+        (0, 1, 0, "zero", 1, "cat"), (0, 1, 1, "zero", 2, "cat"), (0, 1, 2, "zero", 3, "cat"),
+        (1, 2, 0, "zero", 1, ":"), (1, 2, 1, "zero", 3, "cat"), (1, 2, 2, "zero", 2, "cat")]
+    np.testing.assert_allclose(df["logit_diff"].to_numpy(),
+                               [*LOGIT_DIFF[0][0][1][:3], *LOGIT_DIFF[1][0][2][:3]], rtol=1e-6)
+    mean = wh.run_analysis("head_ablation", mode="mean")
+    np.testing.assert_allclose(mean["logit_diff"].to_numpy(), [0.1, 0.2, 0.3, 0.3, 0.1, 0.2], rtol=1e-6)
+    assert wh.run_analysis("head_ablation", mode=None).height == 12
+
+
+def test_dla_vs_ablation(wh: Warehouse) -> None:
+    df = wh.run_analysis("dla_vs_ablation", top=1)
+    flagged = df.filter(df["large_ablation_small_dla"]).select("prompt", "layer", "head").rows()
+    assert flagged == [(1, 2, 0)]
+    row = df.filter((df["prompt"] == 1) & (df["head"] == 0))
+    assert row["indirect"][0] == pytest.approx(0.9 - 0.05, abs=1e-6)
+    assert row["dla_rank"][0] == 2 and row["ablation_rank"][0] == 1
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_dla_vs_ablation_corr(wh: Warehouse) -> None:
+    df = wh.run_analysis("dla_vs_ablation_corr")
+    assert df["layer"].to_list() == [0, 1, 2]
+    for layer in range(3):
+        rho = [_spearman(DLA_HEAD[p][layer], LOGIT_DIFF[p][0][layer][:3]) for p in range(4)]
+        got = df.filter(df["layer"] == layer).row(0, named=True)
+        assert got["n_prompts"] == 4
+        assert got["mean_spearman"] == pytest.approx(np.mean(rho))
+        assert got["median_spearman"] == pytest.approx(np.median(rho))
+        assert (got["min_spearman"], got["max_spearman"]) == pytest.approx((min(rho), max(rho)))
+
+
+def test_top_heads_consistency(wh: Warehouse) -> None:
+    df = wh.run_analysis("top_heads_consistency", top=1)
+    assert df.select("head", "n_prompts_dla", "n_top_dla", "n_prompts_ablation", "n_top_ablation",
+                     "frac_top_ablation").rows() == [(0, 2, 1, 2, 2, 1.0), (1, 2, 1, 2, 0, 0.0),
+                                                     (2, 2, 0, 2, 0, 0.0)]
+    assert df["mean_logit_diff"][0] == pytest.approx((0.3 + 0.9) / 2)
+
+
+def test_first_token_attention(wh: Warehouse, arrays: dict) -> None:
+    df = wh.run_analysis("first_token_attention")
+    assert df.select("prompt", "layer", "head").rows() == [(0, 1, 0), (0, 1, 1), (0, 1, 2),
+                                                           (1, 2, 0), (1, 2, 1), (1, 2, 2)]
+    for r in df.iter_rows(named=True):
+        a = arrays["attn"][r["prompt"]][r["layer"], r["head"], T - 1]
+        got = [r["mass_first"], r["mass_template"], r["mass_word"], r["mass_suffix"], r["mass_last"]]
+        np.testing.assert_allclose(got, a, rtol=1e-6)  # positions 0..4 have roles 0..4
+        assert r["top_other_pos"] == 1 + int(np.argmax(a[1:]))
+        assert r["top_other_role"] == ["first", "template", "word", "suffix", "last"][r["top_other_pos"]]
+
+
+def test_first_token_attention_layer_and_head_narrow_reads(wh: Warehouse, arrays: dict) -> None:
+    df = wh.run_analysis("first_token_attention", layer=2, head=1)
+    assert df.select("prompt", "layer", "head").rows() == [(p, 2, 1) for p in range(4)]
+    np.testing.assert_allclose(df["mass_first"].to_numpy(),
+                               [arrays["attn"][p][2, 1, T - 1, 0] for p in range(4)], rtol=1e-6)
+    assert wh.bytes_read == 4 * T * 4  # one query row of one head of one layer per prompt
+
+
+def test_resid_cosine_templates(wh: Warehouse, arrays: dict) -> None:
+    df = wh.run_analysis("resid_cosine_templates")
+    assert df.height == 2 * 4
+    for r in df.iter_rows(named=True):
+        ra, rb = arrays["resid"][r["prompt_a"]], arrays["resid"][r["prompt_b"]]
+        b = r["boundary"]
+        assert r["cosine"] == pytest.approx(_cos(ra[b, T - 1], rb[b, T - 1]), abs=1e-5)
+    assert wh.bytes_read == 4 * 4 * 1 * 4 * 4  # last position only: 4 prompts x 4 boundaries x D
+
+
+def test_bos_cosine(wh: Warehouse) -> None:
+    df = wh.run_analysis("bos_cosine")
+    assert df.select("layer", "n_pairs", "n_first_tokens").rows() == [(-1, 6, 1), (0, 6, 1), (1, 6, 1), (2, 6, 1)]
+    np.testing.assert_allclose(df["min_cosine"].to_numpy(), [1, 1, -1, 1], atol=1e-5)
+    np.testing.assert_allclose(df["mean_cosine"].to_numpy(), [1, 1, 0, 1], atol=1e-5)
+
+
+def test_ablation_flips(wh: Warehouse) -> None:
+    df = wh.run_analysis("ablation_flips")
+    assert df.select("prompt", "mode", "layer", "unit", "unit_kind", "head", "clean_top1_text",
+                     "new_top1_text").rows() == [
+        (0, "zero", 0, 4, "mlp", None, "cat", "X"),
+        (1, "zero", 2, 0, "head", 0, "cat", ":"),
+        (3, "mean", 1, 1, "head", 1, "X", "Y")]
+    assert wh.run_analysis("ablation_flips", mode="mean").height == 1
+    assert wh.run_analysis("ablation_flips", unit_kind="head", layer=2)["prompt"].to_list() == [1]
+
+
+@pytest.mark.parametrize("name", ["head_ablation", "dla_vs_ablation", "dla_vs_ablation_corr", "ablation_flips"])
+def test_ablation_analyses_are_empty_without_ablation(wh_no_ablation, name: str) -> None:
+    with Warehouse(wh_no_ablation) as w:
+        df = w.run_analysis(name)
+    assert df.height == 0
+    assert df.columns == [c[0] for c in get_analysis(name).columns]
+
+
+def test_top_heads_without_ablation(wh_no_ablation) -> None:
+    with Warehouse(wh_no_ablation) as w:
+        df = w.run_analysis("top_heads_consistency")
+    assert df["n_prompts_ablation"].to_list() == [0, 0, 0]
+    assert df["n_prompts_dla"].to_list() == [2, 2, 2]

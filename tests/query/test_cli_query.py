@@ -1,0 +1,90 @@
+"""`echowh query` / `echowh analyses` through CliRunner: exit codes and exact error text."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from echowh.cli import main
+
+VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
+              "validation, manifest, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, attention")
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("cmd", [["query"], ["analyses"], []])
+def test_help(cmd: list[str]) -> None:
+    r = run(*cmd, "--help")
+    assert r.exit_code == 0
+    assert "Usage:" in r.output
+
+
+def test_sql_table_csv_json(wh_path) -> None:
+    r = run("query", "-w", str(wh_path), "SELECT prompt, word FROM prompts ORDER BY prompt")
+    assert r.exit_code == 0 and "cat" in r.output and "shape: (4, 2)" in r.output
+    r = run("query", "-w", str(wh_path), "--format", "csv", "SELECT prompt, word FROM prompts ORDER BY prompt")
+    assert r.output == "prompt,word\n0,cat\n1,cat\n2,dog\n3,dog\n"
+    r = run("query", "-w", str(wh_path), "--format", "json", "SELECT prompt FROM prompts WHERE prompt < 2")
+    assert json.loads(r.output) == [{"prompt": 0}, {"prompt": 1}]
+
+
+def test_vectors_in_csv(wh_path) -> None:
+    r = run("query", "-w", str(wh_path), "--format", "csv", "SELECT vec FROM resid WHERE layer = 0 AND position = 0 AND prompt = 0")
+    assert r.exit_code == 0
+    assert r.output.startswith('vec\n"[') and r.output.count("\n") == 2
+
+
+def test_analysis_with_params_to_parquet(wh_path, tmp_path) -> None:
+    out = tmp_path / "dla.parquet"
+    r = run("query", "-w", str(wh_path), "-a", "head_dla", "-p", "layer=0", "--format", "parquet", "-o", str(out))
+    assert r.exit_code == 0
+    assert pl.read_parquet(out).height == 12
+
+
+def test_analyses_lists_names_descriptions_and_params() -> None:
+    r = run("analyses")
+    assert r.exit_code == 0
+    assert "\nhead_dla\n" in r.output
+    assert "    -p layer=<INTEGER>  default NULL: block index; NULL = each prompt's emergence layer\n" in r.output
+    assert "    -p mode=<VARCHAR>  default 'zero'" in r.output
+
+
+@pytest.mark.parametrize(("args", "code", "text"), [
+    (["SELEC 1"], 1, 'Error: Parser Error: syntax error at or near "SELEC"'),
+    (["SELECT * FROM nosuch"], 1, "Error: Catalog Error: Table with name nosuch does not exist!\n" + VIEWS_LINE),
+    (["DROP VIEW prompts"], 1, "Error: refused: DROP statements are not allowed; the warehouse is read-only"),
+    (["-a", "head_dl"], 1, "Error: no analysis named 'head_dl'; did you mean 'head_dla'? (`echowh analyses` lists them)"),
+    (["-a", "head_dla", "-p", "layer=x"], 1, "Error: parameter layer takes INTEGER, got 'x'"),
+    (["-a", "head_dla", "-p", "nolayer"], 2, "Error: -p takes key=value, got 'nolayer'"),
+    (["-p", "layer=1", "SELECT 1"], 2, "Error: -p only applies to -a NAME"),
+    ([], 2, "Error: give either SQL or -a NAME (not both)"),
+    (["SELECT 1", "-a", "head_dla"], 2, "Error: give either SQL or -a NAME (not both)"),
+    (["--format", "parquet", "SELECT 1"], 2, "Error: --format parquet needs -o FILE"),
+])
+def test_errors(wh_path, args: list[str], code: int, text: str) -> None:
+    r = run("query", "-w", str(wh_path), *args)
+    assert r.exit_code == code, r.output
+    assert text in r.output
+    assert "Traceback" not in r.output
+
+
+def test_bad_sql_lists_views(wh_path) -> None:
+    r = run("query", "-w", str(wh_path), "SELEC 1")
+    assert r.output.rstrip("\n").endswith(VIEWS_LINE)
+
+
+def test_missing_and_foreign_warehouse(tmp_path) -> None:
+    r = run("query", "-w", str(tmp_path / "nope"), "SELECT 1")
+    assert r.exit_code == 1
+    assert r.output == f"Error: no warehouse at {tmp_path / 'nope'}; run `echowh extract --out {tmp_path / 'nope'}` first\n"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("hi")
+    r = run("query", "-w", str(tmp_path / "other"), "SELECT 1")
+    assert r.exit_code == 1
+    assert "is not an echo-warehouse (no manifest.json)" in r.output
