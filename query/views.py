@@ -18,10 +18,9 @@ import h5py
 import numpy as np
 import pyarrow as pa
 
+from query.pushdown import Pred, eval_preds
 from store import A, F, M, Role, WarehouseReader
 from store.schema import ABLATION_DIR
-
-from query.pushdown import Pred, eval_preds
 
 
 @dataclass(frozen=True)

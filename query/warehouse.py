@@ -11,12 +11,11 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from store import WarehouseError, WarehouseReader
-
 from query.analyses import get_analysis
 from query.errors import QueryError
 from query.pushdown import Pred, parse
 from query.views import VIEW_BY_NAME, VIEWS, Loader, View
+from store import WarehouseError, WarehouseReader
 
 # Statements that only read. Anything else (CREATE, INSERT, COPY, ATTACH, SET, INSTALL ...)
 # is refused before DuckDB sees it.
@@ -171,5 +170,5 @@ def _tidy(message: str) -> str:
 
 def _freeze(want: list[dict[str, list[Pred]]]) -> tuple:
     return tuple(sorted(
-        (tuple(sorted((c, tuple(sorted(map(repr, ps)))) for c, ps in w.items())) for w in want)
+        tuple(sorted((c, tuple(sorted(map(repr, ps)))) for c, ps in w.items())) for w in want
     ))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import D, H, L, PROMPTS, RANKS, T, VOCAB
+from conftest import PROMPTS, RANKS, VOCAB, D, H, L, T
 
 from query import VIEWS, QueryError, Warehouse
 
