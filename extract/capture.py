@@ -259,7 +259,7 @@ def greedy_continue(
         if all(done) or step == max_new_tokens - 1 or cache is None:
             break
         pos = torch.full((B, 1), T + step, device=nxt.device, dtype=torch.long)
-        o = model(input_ids=nxt[:, None], position_ids=pos, cache=cache, use_cache=True)
+        o = model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, **{adapter.cache_kwarg: cache})
         cache = getattr(o, "cache", None) or getattr(o, "past_key_values", None)
         nxt = o.logits[:, -1].argmax(-1)
     return seqs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -68,6 +69,12 @@ class Adapter:
             raise ModelError("an unembedding with a bias is not supported (DLA would miss it)")
         if getattr(model.config, "_attn_implementation", "eager") != "eager":
             raise ModelError("attention weights need attn_implementation='eager'")
+
+    @property
+    def cache_kwarg(self) -> str:
+        """transformers renamed ``past_key_values`` to ``cache``; use what this version takes."""
+        params = inspect.signature(type(self.model).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @property
     def layers(self) -> nn.ModuleList:
