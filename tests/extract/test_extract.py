@@ -241,3 +241,25 @@ def test_smollm2_end_to_end(smollm2_dir, tmp_path):
         # The "repeat" phrasing makes SmolLM2 say the word first (see DESIGN.md).
         assert sum(r.prompt_attrs(i)["echo_first_token"] for i in range(3)) >= 2
         assert r.read(F.TOKEN_TEXT, 0)[0] == "<|im_start|>"
+
+
+def test_greedy_continuation_matches_generate(tiny_run):
+    """The continuation reuses the clean run's cache; HF's own generate must agree."""
+    model_dir, out, _ = tiny_run
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    with WarehouseReader(out) as r:
+        for i in r.prompt_indices():
+            ids = torch.tensor(r.read(F.INPUT_IDS, i))[None]
+            with torch.no_grad():
+                g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=5, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            expect = []
+            for t in g:
+                if t in eos:
+                    break
+                expect.append(t)
+            assert r.read(F.GENERATED_IDS, i).tolist() == expect
