@@ -79,7 +79,8 @@ target_logit FLOAT | the model's logit of the target at the last position
 final_scale FLOAT | frozen final-norm scale (1/rms) used by DLA
 generation VARCHAR | greedy continuation text
 echo_first_token BOOLEAN | greedy first token == target token
-echo_correct BOOLEAN | continuation, stripped of spaces/quotes/final punctuation, == word (any case)""")),
+echo_correct BOOLEAN | the continuation starts with the word (any case; quotes, punctuation aside)
+echo_exact BOOLEAN | the continuation is the word and nothing else (any case)""")),
     View("tokens", "one row per prompt token", _c("""
 prompt INTEGER | prompt index
 position INTEGER | token position (0 = first)
@@ -327,7 +328,7 @@ class Loader:
             rows["prompt"].append(p)
             for k in ("word", "template_index", "template", "text", "n_tokens", "target_id",
                       "target_text", "target_form", "word_multi_token", "top1_id", "generation",
-                      "echo_first_token", "echo_correct"):
+                      "echo_first_token", "echo_correct", "echo_exact"):
                 rows[k].append(a.get(k))
             top = a.get("top1_id")
             rows["top1_text"].append(self.text([top])[0] if top is not None else None)

@@ -5,7 +5,7 @@
 -- column: n_templates BIGINT | prompts (templates) for this word
 -- column: same_top1 BOOLEAN | every template has the same top-1 token at the last position
 -- column: same_generation BOOLEAN | every template has the same greedy continuation
--- column: n_echo_correct BIGINT | templates whose continuation is the word
+-- column: n_echo_correct BIGINT | templates whose continuation starts with the word
 -- column: top1_texts VARCHAR[] | top-1 token text per template, in template order
 -- column: generations VARCHAR[] | continuation per template, in template order
 SELECT word,

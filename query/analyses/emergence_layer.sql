@@ -7,7 +7,7 @@
 -- column: template_index INTEGER | template number
 -- column: target_text VARCHAR | target token text
 -- column: emergence_layer INTEGER | first layer from which the target stays rank 0 (NULL: never)
--- column: echo_correct BOOLEAN | the continuation is the word
+-- column: echo_correct BOOLEAN | the continuation starts with the word
 SELECT p.prompt, p.word, p.template_index, p.target_text, e.emergence_layer, p.echo_correct
 FROM prompts p
 JOIN emergence e ON e.prompt = p.prompt

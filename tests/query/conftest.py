@@ -128,6 +128,7 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32") ->
                 "target_id": tid, "target_text": VOCAB[tid], "target_form": "word",
                 "word_multi_token": False, "top1_id": TOP1[i], "generation": GENERATION[i],
                 "echo_first_token": TOP1[i] == tid, "echo_correct": GENERATION[i] == word,
+                "echo_exact": GENERATION[i] == word,
             })
         if not ablation:
             continue

@@ -52,7 +52,8 @@ def test_parameter_text_is_a_value_not_sql(wh: Warehouse) -> None:
 def test_echo_behaviour(wh: Warehouse) -> None:
     df = wh.run_analysis("echo_behaviour")
     assert df.select("template_index", "n_prompts", "n_echo_first_token", "first_token_accuracy",
-                     "n_echo_correct", "echo_accuracy").rows() == [(0, 2, 2, 1.0, 2, 1.0), (1, 2, 1, 0.5, 1, 0.5)]
+                     "n_echo_correct", "echo_accuracy", "n_echo_exact", "exact_accuracy").rows() == [
+        (0, 2, 2, 1.0, 2, 1.0, 2, 1.0), (1, 2, 1, 0.5, 1, 0.5, 1, 0.5)]
 
 
 def test_echo_agreement(wh: Warehouse) -> None:
