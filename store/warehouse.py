@@ -89,7 +89,8 @@ class ShardWriter:
         self.tmp = final.with_name(final.name + PARTIAL_SUFFIX)
         self.store_dtype = store_dtype
         self.warnings: list[str] = []
-        self._f = h5py.File(self.tmp, "w", libver="latest")
+        # v110 bounds: readable by the HDF5 1.10 tools Debian ships (h5dump), not only h5py.
+        self._f = h5py.File(self.tmp, "w", libver=("earliest", "v110"))
 
     def put(self, field: Field, value: Any) -> None:
         """Store ``value`` under ``field``; activations in the run's store dtype."""

@@ -263,3 +263,20 @@ def test_greedy_continuation_matches_generate(tiny_run):
                     break
                 expect.append(t)
             assert r.read(F.GENERATED_IDS, i).tolist() == expect
+
+
+def test_shards_readable_with_h5dump(tiny_run):
+    """The warehouse is plain HDF5: h5dump (Debian's hdf5-tools) reads a shard and the bf16 type."""
+    import shutil
+    import subprocess
+
+    if shutil.which("h5dump") is None:
+        pytest.skip("h5dump not installed (scripts/setup.sh --browser installs hdf5-tools)")
+    _, out, _ = tiny_run
+    r = subprocess.run(["h5dump", "-H", str(out / "prompts" / "p00000.h5")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("resid", "attn_pattern", "lens_topk_ids", "dla_head", "validation"):
+        assert f'DATASET "{name}"' in r.stdout
+    r = subprocess.run(["h5dump", "-d", "final_scale", str(out / "prompts" / "p00000.h5")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "DATA" in r.stdout
