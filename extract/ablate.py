@@ -236,7 +236,7 @@ def compute_means(adapter: Adapter, prompts: list[Prompt], batch: int, progress:
                              "mlp": defaultdict(lambda: 0.0)}
     counts: dict[tuple, int] = defaultdict(int)
     dev = adapter.lm_head.weight.device
-    groups = _groups(prompts, batch)
+    groups = prompt_groups(prompts, batch)
     for g in tqdm(groups, desc="ablation means", unit="group", disable=not progress, file=sys.stderr):
         cap = capture(adapter, torch.tensor([p.input_ids for p in g], device=dev))
         for b, p in enumerate(g):
@@ -254,7 +254,7 @@ def compute_means(adapter: Adapter, prompts: list[Prompt], batch: int, progress:
 # -- the grid -----------------------------------------------------------------------------------
 
 
-def _groups(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
+def prompt_groups(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
     """Prompts of one template and one length: same prefix and suffix positions."""
     by: dict[tuple[int, int], list[Prompt]] = defaultdict(list)
     for p in prompts:
@@ -385,7 +385,7 @@ def run_ablation(
     means = compute_means(adapter, prompts, batch, progress) if "mean" in modes else None
     t1 = time.perf_counter()
     dev = adapter.lm_head.weight.device
-    groups = _groups(pending, batch)
+    groups = prompt_groups(pending, batch)
     bar = tqdm(total=len(pending) * len(layers) * len(modes), unit="prompt-layer", desc="ablation",
                disable=not progress, file=sys.stderr)
     for g in groups:

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from extract.ablate import (
-    GridSpec,
     KV,
+    GridSpec,
     ablate_group,
     clean_run,
     compute_means,
     position_keys,
+    prompt_groups,
     run_layers,
     shared_prefix,
-    _groups,
 )
 from extract.models import Adapter, load_model
 from extract.prompts import build_prompts
@@ -95,7 +95,7 @@ def _naive(adapter, prompt, layer, unit, mode, means, last_only) -> torch.Tensor
 
 def test_ablating_nothing_is_the_clean_run(setup):
     adapter, prompts = setup
-    for g in _groups(prompts, 8):
+    for g in prompt_groups(prompts, 8):
         ids = torch.tensor([p.input_ids for p in g])
         clean = clean_run(adapter, ids)
         with torch.no_grad():
@@ -116,7 +116,7 @@ def test_batched_equals_one_unit_at_a_time(setup, positions, mode):
     layers = tuple(range(a.n_layers))
     spec = GridSpec((mode,), positions, layers)
     checked = 0
-    for g in _groups(prompts, 8)[:2]:
+    for g in prompt_groups(prompts, 8)[:2]:
         clean = clean_run(adapter, torch.tensor([p.input_ids for p in g]))
         grid = ablate_group(adapter, g, clean, spec, means)  # (1, L, G, U, V)
         assert grid.shape == (1, a.n_layers, len(g), a.n_heads + 2, a.vocab_size)
@@ -132,7 +132,7 @@ def test_batched_equals_one_unit_at_a_time(setup, positions, mode):
 def test_ablation_changes_something(setup):
     """Guard against a hook that never fires: removing units must move the logits."""
     adapter, prompts = setup
-    g = _groups(prompts, 8)[0]
+    g = prompt_groups(prompts, 8)[0]
     clean = clean_run(adapter, torch.tensor([p.input_ids for p in g]))
     grid = ablate_group(adapter, g, clean, GridSpec(("zero",), "all", (0,)), None)
     moved = (grid[0, 0] - clean.logits[:, None]).abs().amax(-1)  # (G, U)
@@ -141,7 +141,7 @@ def test_ablation_changes_something(setup):
 
 def test_prefix_is_shared_up_to_the_word(setup):
     adapter, prompts = setup
-    for g in _groups(prompts, 8):
+    for g in prompt_groups(prompts, 8):
         P = shared_prefix(g)
         first_word = g[0].roles.index(2)
         assert 0 < P <= first_word
