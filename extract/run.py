@@ -219,7 +219,7 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
                     "extract_prompts": len(pending)})
     t_abl = 0.0
     if cfg.ablation:
-        from extract.ablate import run_ablation
+        from extract.ablation import run_ablation
 
         targets = _stored_targets(cfg.out)
         t2 = time.perf_counter()
