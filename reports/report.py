@@ -280,7 +280,8 @@ def render_html(report: Report) -> str:
     script = ("const SPECS = " + payload + ";\n"
               "for (const [id, spec] of Object.entries(SPECS)) {\n"
               "  vegaEmbed('#' + id, spec, {renderer: 'svg', actions: false})\n"
-              "    .catch(e => { document.getElementById(id).textContent = 'chart failed: ' + e; });\n"
+              "    .catch(e => { const el = document.getElementById(id);\n"
+              "                  el.setAttribute('data-failed', 'yes'); el.textContent = 'chart failed: ' + e; });\n"
               "}\n")
     bundle = vlc.javascript_bundle().replace("</script", "<\\/script")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
