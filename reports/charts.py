@@ -96,11 +96,12 @@ def dla_vs_ablation_scatter(df: pl.DataFrame, n_label: int = 8) -> alt.Chart:
     return (points + labels + diag).properties(width=WIDTH, height=360)
 
 
-def top_heads_bars(df: pl.DataFrame) -> alt.Chart:
+def top_heads_bars(df: pl.DataFrame,
+                   title: str = "How often each head is in the top 3 (at each prompt's emergence layer)") -> alt.Chart:
     """top_heads_consistency: fraction of prompts where each head is top-3 by DLA / ablation."""
     long = df.select("head", pl.col("frac_top_dla").alias("DLA"), pl.col("frac_top_ablation").alias("ablation")).unpivot(
         index="head", variable_name="measure", value_name="fraction").drop_nulls()
-    return alt.Chart(_data(long), title="How often each head is in the top 3 (at each prompt's emergence layer)").mark_bar().encode(
+    return alt.Chart(_data(long), title=title).mark_bar().encode(
         x=alt.X("head:O"),
         xOffset="measure:N",
         y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction of prompts"),

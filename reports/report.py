@@ -176,14 +176,27 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
             findings.append(f"Across layers the median per-prompt Spearman correlation between DLA and ablation is "
                             f"{corr['median_spearman'].median():.2f}: the two measures "
                             f"{'largely disagree' if corr['median_spearman'].median() < 0.5 else 'mostly agree'}.")
+        mode_layer = _most_common_emergence_layer(counts)
+        cons_at = run("top_heads_consistency", layer=mode_layer) if mode_layer is not None else None
+        cons_charts = [charts.top_heads_bars(cons)]
+        cons_tables = [("top_heads_consistency (each prompt's emergence layer)", cons)]
+        if cons_at is not None and cons_at["n_prompts_ablation"].max():
+            cons_charts.append(charts.top_heads_bars(
+                cons_at, f"How often each head of layer {mode_layer} (the most common emergence layer) is in the top 3"))
+            cons_tables.append((f"top_heads_consistency(layer={mode_layer})", cons_at))
         sections.append(Section("Top-head consistency", "How often each head is among the top 3 by ablation and by "
-                                "DLA at each prompt's emergence layer (top_heads_consistency).",
-                                charts=[charts.top_heads_bars(cons)], tables=[("top_heads_consistency", cons)]))
+                                "DLA, at each prompt's own emergence layer and at the most common emergence layer "
+                                "(top_heads_consistency).", charts=cons_charts, tables=cons_tables))
         c = cons.sort("n_top_ablation", descending=True).row(0, named=True)
         layer_txt = _emergence_layer_text(counts)
         findings.append(f"Head {c['head']} (at the emergence layer{layer_txt}) is in the top 3 by ablation for "
                         f"{c['n_top_ablation']} of {c['n_prompts_ablation']} prompts, and in the top 3 by DLA for "
                         f"{c['n_top_dla']} of {c['n_prompts_dla']}.")
+        if cons_at is not None and cons_at["n_prompts_ablation"].max():
+            a = cons_at.sort("n_top_ablation", descending=True).row(0, named=True)
+            findings.append(f"At layer {mode_layer}, head L{mode_layer}H{a['head']} is in the top 3 by ablation for "
+                            f"{a['n_top_ablation']} of {a['n_prompts_ablation']} prompts (top 3 by DLA for "
+                            f"{a['n_top_dla']} of {a['n_prompts_dla']}).")
         sections.append(Section("Attention vs MLP blocks", "Removing a whole block per layer (block_ablation).",
                                 charts=[charts.block_ablation_lines(blocks)]))
         worst = blocks.sort("mean_kl", descending=True).row(0, named=True)
@@ -240,6 +253,13 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     return Report(title or f"echo-warehouse report: {model_name}", sections, findings)
 
 
+def _most_common_emergence_layer(counts: pl.DataFrame) -> int | None:
+    """The layer where the target most often emerges, over all templates (None: never emerges)."""
+    c = (counts.drop_nulls("emergence_layer").group_by("emergence_layer").agg(pl.col("n_prompts").sum())
+         .sort(["n_prompts", "emergence_layer"], descending=[True, False]))
+    return int(c["emergence_layer"][0]) if c.height else None
+
+
 def _emergence_layer_text(counts: pl.DataFrame) -> str:
     layers = sorted({x for x in counts["emergence_layer"].to_list() if x is not None})
     if len(layers) == 1:
@@ -277,12 +297,18 @@ def render_html(report: Report) -> str:
         for name, df in s.tables:
             parts.append(f"<h3>{html.escape(name)}</h3>{_table_html(df)}")
     payload = json.dumps(dict(specs)).replace("</", "<\\/")
+    # When every chart has settled, <body> gets data-charts-rendered / data-render-ms: the
+    # browser test and benchmarks/bench_report.py read them from the dumped DOM.
     script = ("const SPECS = " + payload + ";\n"
-              "for (const [id, spec] of Object.entries(SPECS)) {\n"
-              "  vegaEmbed('#' + id, spec, {renderer: 'svg', actions: false})\n"
+              "const jobs = Object.entries(SPECS).map(([id, spec]) =>\n"
+              "  vegaEmbed('#' + id, spec, {renderer: 'svg', actions: false}).then(() => 1)\n"
               "    .catch(e => { const el = document.getElementById(id);\n"
-              "                  el.setAttribute('data-failed', 'yes'); el.textContent = 'chart failed: ' + e; });\n"
-              "}\n")
+              "                  el.setAttribute('data-failed', 'yes'); el.textContent = 'chart failed: ' + e;\n"
+              "                  return 0; }));\n"
+              "Promise.all(jobs).then(ok => {\n"
+              "  document.body.dataset.chartsRendered = ok.reduce((a, b) => a + b, 0);\n"
+              "  document.body.dataset.renderMs = Math.round(performance.now());\n"
+              "});\n")
     bundle = vlc.javascript_bundle().replace("</script", "<\\/script")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(report.title)}</title><style>{STYLE}</style>"

@@ -132,10 +132,10 @@ def test_every_command_has_help():
     from echowh.cli import COMMANDS
 
     runner = CliRunner()
-    r = runner.invoke(main, ["--help"])
-    assert r.exit_code == 0
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0
     for name in COMMANDS:
-        assert name in r.output
+        assert name in top.output
         r = runner.invoke(main, [name, "--help"])
         assert r.exit_code == 0, (name, r.output)
         assert "Usage:" in r.output and len(r.output.splitlines()) > 5
