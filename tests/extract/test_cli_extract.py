@@ -187,3 +187,16 @@ def test_kill_minus_nine_then_resume_gives_identical_tensors(tiny_qwen2_dir, tmp
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     m = json.loads((killed / "manifest.json").read_text())
     assert m["status"] == "complete"
+
+
+def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """A tolerance no float computation meets: the run says so loudly and exits 1."""
+    import extract.run
+
+    monkeypatch.setitem(extract.run.TOLERANCE, "float32", 0.0)
+    out = tmp_path / "w"
+    r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out))
+    assert r.exit_code == 1
+    assert "FAIL (2 prompts)" in r.output
+    assert _error_line(r).startswith("Error: validation FAILED for ")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed-validation"
