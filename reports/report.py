@@ -89,13 +89,17 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     val = run("validation_summary")
     prompts = wh.sql("SELECT count(*) AS n, count(DISTINCT word) AS w FROM prompts").row(0)
     cfg = m.get("config", {})
+    word_list = wh.sql("SELECT word FROM prompts GROUP BY word ORDER BY min(prompt)")["word"].to_list()
+    first_tokens = ", ".join(repr(t) for t in wh.sql(
+        "SELECT DISTINCT token_text FROM tokens WHERE position = 0 ORDER BY 1")["token_text"].to_list())
     summary = pl.DataFrame({
-        "item": ["model", "layers × heads (KV heads)", "d_model", "dtype", "prompts", "templates",
-                 "chat template", "ablation", "extraction time", "status"],
+        "item": ["model", "layers × heads (KV heads)", "d_model", "dtype", "prompts", "templates", "words",
+                 "chat template", "token at position 0", "ablation", "extraction time", "status"],
         "value": [str(model.get("model")), f"{model.get('n_layers')} × {model.get('n_heads')} ({model.get('n_kv_heads')})",
                   str(model.get("d_model")), str(model.get("dtype")),
                   f"{prompts[0]} ({prompts[1]} words × {len(templates)} templates)", " | ".join(templates),
-                  "on" if cfg.get("chat_template", True) else "off",
+                  ", ".join(word_list),
+                  "on" if cfg.get("chat_template", True) else "off", first_tokens,
                   f"{','.join(cfg.get('ablation', [])) or 'none'} ({cfg.get('ablate_positions', '')} positions)",
                   f"{m.get('timings', {}).get('total_s', '–')} s", str(m.get("status"))],
     })
@@ -147,7 +151,7 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     sections.append(Section("Logit lens", "Target probability under the logit lens (lens_target), and the top-3 "
                             f"tokens per layer for {', '.join(words)} (lens_trajectory).",
                             charts=[charts.lens_heatmap(lens), *traj_charts],
-                            note="" if traj_charts else f"None of {', '.join(words)} is in this prompt set."))
+                            note="" if traj_charts or not words else f"None of {', '.join(words)} is in this prompt set."))
 
     # -- DLA -------------------------------------------------------------------------------
     grid = run("head_dla_grid")
@@ -189,9 +193,13 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
                                 "(top_heads_consistency).", charts=cons_charts, tables=cons_tables))
         c = cons.sort("n_top_ablation", descending=True).row(0, named=True)
         layer_txt = _emergence_layer_text(counts)
-        findings.append(f"Head {c['head']} (at the emergence layer{layer_txt}) is in the top 3 by ablation for "
-                        f"{c['n_top_ablation']} of {c['n_prompts_ablation']} prompts, and in the top 3 by DLA for "
-                        f"{c['n_top_dla']} of {c['n_prompts_dla']}.")
+        if not c["n_prompts_ablation"]:
+            findings.append("No prompt's target emerges under the logit lens at an ablated layer, so heads "
+                            "cannot be ranked at an emergence layer.")
+        else:
+            findings.append(f"Head {c['head']} (at the emergence layer{layer_txt}) is in the top 3 by ablation for "
+                            f"{c['n_top_ablation']} of {c['n_prompts_ablation']} prompts, and in the top 3 by DLA "
+                            f"for {c['n_top_dla']} of {c['n_prompts_dla']}.")
         if cons_at is not None and cons_at["n_prompts_ablation"].max():
             a = cons_at.sort("n_top_ablation", descending=True).row(0, named=True)
             findings.append(f"At layer {mode_layer}, head L{mode_layer}H{a['head']} is in the top 3 by ablation for "
@@ -230,7 +238,7 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
                             charts=[charts.layer_head_heatmap(att, "mean_mass_first", "Attention on position 0",
                                                               scheme="greys", domain_mid=None)]))
     sink = att.sort("mean_mass_first", descending=True).row(0, named=True)
-    n_sinks = att.filter(pl.col("mean_mass_first") >= 0.9).height
+    n_sinks = att.filter(pl.col("mean_mass_first") >= 0.9 - 1e-6).height  # float32 0.9 < 0.9
     findings.append(f"L{sink['layer']}H{sink['head']} puts {sink['mean_mass_first']:.0%} of its attention on position 0 "
                     f"on average (at least {sink['min_mass_first']:.0%} on every prompt); {n_sinks} of {att.height} heads put ≥90% there.")
 
@@ -244,9 +252,13 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
                         f"at the embeddings and {last['mean_cosine']:.3f} after the last layer (minimum {last['min_cosine']:.3f}).")
     bos = run("bos_cosine")
     cos_sections.append(charts.cosine_by_layer(bos, "Position-0 residual: cosine across all pairs of prompts"))
-    findings.append(f"Position 0 holds the same token in every prompt ({bos['n_first_tokens'][0]} distinct), and its residual has "
-                    f"cosine ≥ {bos['min_cosine'].min():.4f} across prompts at every layer: by causal masking it cannot carry "
-                    "prompt-specific information.")
+    if bos.height and bos["n_first_tokens"][0] == 1:
+        findings.append(f"Position 0 holds the same token in every prompt, and its residual has cosine ≥ "
+                        f"{bos['min_cosine'].min():.4f} across prompts at every layer: by causal masking it cannot "
+                        "carry prompt-specific information.")
+    elif bos.height:
+        findings.append(f"Position 0 holds {bos['n_first_tokens'][0]} different tokens across prompts; its residual's "
+                        f"pairwise cosine goes down to {bos['min_cosine'].min():.4f}.")
     sections.append(Section("Residual cosine similarity", "resid_cosine_by_layer and bos_cosine.", charts=cos_sections))
 
     model_name = model.get("model", "model")
@@ -321,8 +333,14 @@ def write_report(warehouse: Path | str, out: Path | str, words: tuple[str, ...] 
     """Build and write the report; the file is written under a temporary name and renamed."""
     report = build(warehouse, words, title)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_html(report)
     tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(render_html(report), encoding="utf-8")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {out}: {e.strerror or e}") from None
     return out

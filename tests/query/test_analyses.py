@@ -6,14 +6,17 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DLA_HEAD, EMERGENCE, LOGIT_DIFF, T
+from conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, H, L, T
 
 from query import QueryError, Warehouse, get_analysis, list_analyses
 
+# The study's analyses (issue), then the aggregates the report charts.
 NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_counts",
          "lens_trajectory", "head_dla", "head_ablation", "dla_vs_ablation",
          "dla_vs_ablation_corr", "top_heads_consistency", "first_token_attention",
-         "resid_cosine_templates", "bos_cosine", "ablation_flips"}
+         "resid_cosine_templates", "bos_cosine", "ablation_flips",
+         "validation_summary", "lens_target", "head_dla_grid", "dla_vs_ablation_heads",
+         "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer"}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -179,7 +182,89 @@ def test_ablation_flips(wh: Warehouse) -> None:
     assert wh.run_analysis("ablation_flips", unit_kind="head", layer=2)["prompt"].to_list() == [1]
 
 
-@pytest.mark.parametrize("name", ["head_ablation", "dla_vs_ablation", "dla_vs_ablation_corr", "ablation_flips"])
+def test_validation_summary(wh: Warehouse) -> None:
+    # conftest: resid_chain passes everywhere at 1e-6; logits_from_resid errs 0.1 * prompt
+    assert wh.run_analysis("validation_summary").rows() == [
+        ("logits_from_resid", 4, 1, pytest.approx(0.3), pytest.approx(0.3), 1e-4),
+        ("resid_chain", 4, 4, 1e-6, 1e-6, 1e-4)]
+
+
+def test_lens_target(wh: Warehouse) -> None:
+    df = wh.run_analysis("lens_target")
+    assert df.height == 4 * (L + 1)
+    assert df["target_rank"].to_list() == [r for ranks in RANKS for r in ranks]
+    assert df["layer"].to_list() == list(range(-1, L)) * 4
+    assert df.group_by("prompt", maintain_order=True).first()["emergence_layer"].to_list() == EMERGENCE
+    np.testing.assert_allclose(df["target_prob"].to_numpy(), np.tile(np.linspace(0.1, 0.7, L + 1), 4), rtol=1e-6)
+    assert wh.run_analysis("lens_target", template_index=1)["prompt"].unique().sort().to_list() == [1, 3]
+
+
+def test_head_dla_grid(wh: Warehouse) -> None:
+    dla = np.array(DLA_HEAD)  # (prompt, layer, head)
+    df = wh.run_analysis("head_dla_grid")
+    assert df.select("layer", "head").rows() == [(la, h) for la in range(L) for h in range(H)]
+    assert set(df["n_prompts"]) == {4}
+    np.testing.assert_allclose(df["mean_dla"].to_numpy(), dla.mean(0).reshape(-1), atol=1e-7)
+    np.testing.assert_allclose(df["mean_abs_dla"].to_numpy(), np.abs(dla).mean(0).reshape(-1), atol=1e-7)
+    t1 = wh.run_analysis("head_dla_grid", template_index=1)
+    np.testing.assert_allclose(t1["mean_dla"].to_numpy(), dla[[1, 3]].mean(0).reshape(-1), atol=1e-7)
+
+
+def test_dla_vs_ablation_heads(wh: Warehouse) -> None:
+    dla = np.array(DLA_HEAD)  # (prompt, layer, head)
+    diff = np.array(LOGIT_DIFF)[:, 0, :, :H]  # zero mode, heads only: (prompt, layer, head)
+    df = wh.run_analysis("dla_vs_ablation_heads").sort("layer", "head")
+    np.testing.assert_allclose(df["mean_dla"].to_numpy(), dla.mean(0).reshape(-1), atol=1e-7)
+    np.testing.assert_allclose(df["mean_logit_diff"].to_numpy(), diff.mean(0).reshape(-1), atol=1e-6)
+    np.testing.assert_allclose(df["mean_kl"].to_numpy(), 0.1 * diff.mean(0).reshape(-1), atol=1e-6)
+    # rows come ranked: rank 1 = the head with the largest mean effect
+    top = wh.run_analysis("dla_vs_ablation_heads").row(0, named=True)
+    best = np.unravel_index(int(np.argmax(diff.mean(0))), (L, H))
+    assert (top["layer"], top["head"], top["ablation_rank"]) == (*best, 1)
+    best_dla = df.filter(df["dla_rank"] == 1).select("layer", "head").rows()
+    assert best_dla == [np.unravel_index(int(np.argmax(dla.mean(0))), (L, H))]
+    mean = wh.run_analysis("dla_vs_ablation_heads", mode="mean").sort("layer", "head")
+    np.testing.assert_allclose(mean["mean_logit_diff"].to_numpy(),
+                               np.array(LOGIT_DIFF)[:, 1, :, :H].mean(0).reshape(-1), atol=1e-6)
+
+
+def test_block_ablation(wh: Warehouse) -> None:
+    diff = np.array(LOGIT_DIFF)  # (prompt, mode, layer, unit); unit H = attn, H + 1 = mlp
+    df = wh.run_analysis("block_ablation")
+    assert df.select("layer", "unit_kind", "n_prompts").rows() == [
+        (la, k, 4) for la in range(L) for k in ("attn", "mlp")]
+    expect = [diff[:, 0, la, H + (k == "mlp")].mean() for la in range(L) for k in ("attn", "mlp")]
+    np.testing.assert_allclose(df["mean_logit_diff"].to_numpy(), expect, atol=1e-6)
+    np.testing.assert_allclose(df["mean_kl"].to_numpy(), 0.1 * np.array(expect), atol=1e-6)
+    # the only block flip in zero mode: prompt 0, layer 0, the MLP (FLIPS)
+    changed = {(la, k): f for la, k, f in df.select("layer", "unit_kind", "frac_top1_changed").rows()}
+    flips = {(la, "mlp" if u == H + 1 else "attn") for (p, mo, la, u) in FLIPS if mo == 0 and u >= H}
+    assert changed == {key: (0.25 if key in flips else 0.0) for key in changed}
+    assert wh.run_analysis("block_ablation", mode="mean").height == 2 * L
+
+
+def test_first_token_attention_grid(wh: Warehouse, arrays: dict) -> None:
+    df = wh.run_analysis("first_token_attention_grid")
+    first = np.stack([a[:, :, T - 1, 0] for a in arrays["attn"]])  # (prompt, layer, head)
+    assert df.select("layer", "head").rows() == [(la, h) for la in range(L) for h in range(H)]
+    np.testing.assert_allclose(df["mean_mass_first"].to_numpy(), first.mean(0).reshape(-1), rtol=1e-6)
+    np.testing.assert_allclose(df["min_mass_first"].to_numpy(), first.min(0).reshape(-1), rtol=1e-6)
+
+
+def test_resid_cosine_by_layer(wh: Warehouse, arrays: dict) -> None:
+    df = wh.run_analysis("resid_cosine_by_layer")
+    pairs = [(a, b) for a, (wa, ta) in enumerate(PROMPTS) for b, (wb, tb) in enumerate(PROMPTS)
+             if wa == wb and ta == 0 and tb == 1]
+    cos = np.array([[_cos(arrays["resid"][a][b_, T - 1], arrays["resid"][b][b_, T - 1])
+                     for b_ in range(L + 1)] for a, b in pairs])  # (word, boundary)
+    assert df["layer"].to_list() == list(range(-1, L)) and set(df["n_words"]) == {2}
+    np.testing.assert_allclose(df["mean_cosine"].to_numpy(), cos.mean(0), atol=1e-5)
+    np.testing.assert_allclose(df["min_cosine"].to_numpy(), cos.min(0), atol=1e-5)
+    np.testing.assert_allclose(df["max_cosine"].to_numpy(), cos.max(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["head_ablation", "dla_vs_ablation", "dla_vs_ablation_corr", "ablation_flips",
+                                  "dla_vs_ablation_heads", "block_ablation"])
 def test_ablation_analyses_are_empty_without_ablation(wh_no_ablation, name: str) -> None:
     with Warehouse(wh_no_ablation) as w:
         df = w.run_analysis(name)
