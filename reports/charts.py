@@ -47,6 +47,25 @@ def lens_heatmap(df: pl.DataFrame) -> alt.Chart:
     ).properties(width=WIDTH, height=max(200, 7 * len(order)))
 
 
+def lens_rank_heatmap(df: pl.DataFrame) -> alt.Chart:
+    """lens_target: the target's rank per (prompt, layer), log colour scale (0 = top-1).
+
+    The probability map is dark wherever the target is not yet likely; the rank shows how
+    far it has climbed before it wins.
+    """
+    df = df.with_columns((pl.col("word") + " · t" + pl.col("template_index").cast(pl.Utf8)).alias("prompt_label"),
+                         (pl.col("target_rank") + 1).alias("rank1"))
+    order = df.sort(["template_index", "prompt"])["prompt_label"].unique(maintain_order=True).to_list()
+    return alt.Chart(_data(df.select("prompt_label", "layer", "target_rank", "rank1")),
+                     title="Logit lens: target rank at each layer (1 = top-1; log colour scale)").mark_rect().encode(
+        x=alt.X("layer:O", title="layer (residual after block; -1 = embeddings)"),
+        y=alt.Y("prompt_label:N", sort=order, title=None, axis=alt.Axis(labelFontSize=8)),
+        color=alt.Color("rank1:Q", scale=alt.Scale(type="log", scheme="viridis", reverse=True),
+                        title="rank + 1"),
+        tooltip=["prompt_label:N", "layer:O", "target_rank:Q"],
+    ).properties(width=WIDTH, height=max(200, 7 * len(order)))
+
+
 def lens_trajectory(df: pl.DataFrame, title: str) -> alt.Chart:
     """lens_trajectory for one prompt: top-k token text per layer, shaded by probability."""
     base = alt.Chart(_data(df.select("layer", "k", "token_text", "prob", "is_target")), title=title).encode(
@@ -113,7 +132,8 @@ def top_heads_bars(df: pl.DataFrame,
 def cosine_by_layer(df: pl.DataFrame, title: str) -> alt.Chart:
     """resid_cosine_by_layer / bos_cosine: mean cosine per layer with a min-max band."""
     base = alt.Chart(_data(df.select("layer", "mean_cosine", "min_cosine", "max_cosine")), title=title)
-    band = base.mark_area(opacity=0.25).encode(x=alt.X("layer:Q", title="layer (-1 = embeddings)"),
+    layers = alt.Scale(domain=[df["layer"].min(), df["layer"].max()], nice=False) if df.height else alt.Undefined
+    band = base.mark_area(opacity=0.25).encode(x=alt.X("layer:Q", title="layer (-1 = embeddings)", scale=layers),
                                               y=alt.Y("min_cosine:Q", title="cosine similarity", scale=alt.Scale(zero=False)),
                                               y2="max_cosine:Q")
     line = base.mark_line(point=True).encode(

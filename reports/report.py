@@ -54,10 +54,32 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def visible(text: str | None) -> str | None:
+    """Token text with its whitespace shown: ' cat' and 'cat' are different tokens, and the
+    study's flips are often just that (a leading space, a capital). HTML would hide it."""
+    if text is None:
+        return None
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+
+
+def _is_token_column(name: str) -> bool:
+    return name.endswith(("_text", "_texts"))
+
+
 def _table_html(df: pl.DataFrame, max_rows: int = 40) -> str:
+    """A table; token-text columns (``*_text``, ``*_texts``) with visible whitespace."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    tok = [_is_token_column(c) for c in df.columns]
+
+    def cell(v: Any, is_tok: bool) -> str:
+        if is_tok and isinstance(v, str):
+            v = visible(v)
+        elif is_tok and isinstance(v, list):
+            v = [visible(x) if isinstance(x, str) else x for x in v]
+        return f"<td>{html.escape(_fmt(v))}</td>"
+
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        "<tr>" + "".join(cell(v, t) for v, t in zip(row, tok, strict=True)) + "</tr>"
         for row in df.head(max_rows).rows()
     )
     more = f"<p class='more'>{df.height - max_rows} more rows: run the analysis with <code>echowh query -a</code>.</p>" \
@@ -146,11 +168,12 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     for w in words:
         for t in range(len(templates)):
             tr = run("lens_trajectory", word=w, template_index=t, k=3)
+            tr = tr.with_columns(pl.col("token_text").map_elements(visible, return_dtype=pl.Utf8))
             if tr.height:
                 traj_charts.append(charts.lens_trajectory(tr, f"“{w}”, template {t}: logit-lens top-3 per layer (target in red)"))
-    sections.append(Section("Logit lens", "Target probability under the logit lens (lens_target), and the top-3 "
-                            f"tokens per layer for {', '.join(words)} (lens_trajectory).",
-                            charts=[charts.lens_heatmap(lens), *traj_charts],
+    sections.append(Section("Logit lens", "Target probability and rank under the logit lens (lens_target), and "
+                            f"the top-3 tokens per layer for {', '.join(words)} (lens_trajectory; ␣ marks a space).",
+                            charts=[charts.lens_heatmap(lens), charts.lens_rank_heatmap(lens), *traj_charts],
                             note="" if traj_charts or not words else f"None of {', '.join(words)} is in this prompt set."))
 
     # -- DLA -------------------------------------------------------------------------------
@@ -234,13 +257,14 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     att = run("first_token_attention_grid")
     first_tok = wh.sql("SELECT any_value(token_text) AS t FROM tokens WHERE position = 0")["t"][0]
     sections.append(Section("Attention to the first token", f"Mean attention weight from the last position to position 0 "
-                            f"({html.escape(repr(first_tok))}) for every head (first_token_attention_grid).",
+                            f"({visible(first_tok)!r}) for every head (first_token_attention_grid).",
                             charts=[charts.layer_head_heatmap(att, "mean_mass_first", "Attention on position 0",
                                                               scheme="greys", domain_mid=None)]))
     sink = att.sort("mean_mass_first", descending=True).row(0, named=True)
     n_sinks = att.filter(pl.col("mean_mass_first") >= 0.9 - 1e-6).height  # float32 0.9 < 0.9
-    findings.append(f"L{sink['layer']}H{sink['head']} puts {sink['mean_mass_first']:.0%} of its attention on position 0 "
-                    f"on average (at least {sink['min_mass_first']:.0%} on every prompt); {n_sinks} of {att.height} heads put ≥90% there.")
+    findings.append(f"L{sink['layer']}H{sink['head']} puts {sink['mean_mass_first']:.1%} of its attention on position 0 "
+                    f"on average (at least {sink['min_mass_first']:.1%} on every prompt); {n_sinks} of {att.height} heads "
+                    "put ≥90% there.")
 
     # -- cosine ------------------------------------------------------------------------------
     cos_sections = []

@@ -23,14 +23,14 @@ from store import A, F, M, WarehouseWriter, validation_array
 from store.schema import ABLATION_DIR
 
 L, H, D, T, K = 4, 6, 8, 6, 3
-VOCAB = ["<s>", "repeat", "echo", ":", "cat", "dog", "sun", "tree", "请", "X", "Y", "Z"]
+VOCAB = ["<s>", "repeat", "echo", ":", "cat", "dog", "sun", "tree", "请", " X", "Y", "Z"]  # " X": a space
 WORD_ID = {"cat": 4, "dog": 5, "sun": 6, "tree": 7}
 TEMPLATES = ["repeat the following word: {word}", "echo the following word: {word}"]
 PROMPTS = [(w, t) for t in range(2) for w in WORD_ID]  # template 0 first: prompts 0-3, 4-7
 EMERGENCE = [2, 2, 2, 2, 2, 2, 3, None]
 SINK = (2, 4)  # (layer, head) with the big ablation effect and 0.9 attention on position 0
 TOP_DLA = (3, 1)
-FLIPPED = {0: 9, 1: 9}  # prompt -> top-1 id after ablating SINK
+FLIPPED = {0: 9, 1: 9}  # prompt -> top-1 id after ablating SINK (" X", whose space must show)
 
 
 def _ranks(e: int | None) -> list[int]:

@@ -181,7 +181,7 @@ def test_findings_state_the_planted_numbers(planted):
     assert "the target most often emerges at layer 2 (4 of 4 prompts" in text
     assert "The head with the largest mean DLA is L3H1 (0.500)" in text
     assert "Ablating L2H4 lowers the target logit most" in text
-    assert "L2H4 puts 90% of its attention on position 0" in text and "1 of 24 heads" in text
+    assert "L2H4 puts 90.0% of its attention on position 0" in text and "1 of 24 heads" in text
     assert "2 single-head ablations change the model's answer (2 prompts affected)" in text
     assert "cosine ≥ 1.0000" in text
 
@@ -223,7 +223,7 @@ def test_chart_specs_hold_the_analyses_rows(planted):
 def test_unknown_words_become_a_note(planted):
     rep = build(planted, words=("nosuchword",))
     lens = next(s for s in rep.sections if s.title == "Logit lens")
-    assert "nosuchword" in lens.note and len(lens.charts) == 1
+    assert "nosuchword" in lens.note and len(lens.charts) == 2  # the two heatmaps, no trajectories
 
 
 def test_planted_without_ablation_has_notes_not_errors(planted_no_ablation, tmp_path):
@@ -234,3 +234,23 @@ def test_planted_without_ablation_has_notes_not_errors(planted_no_ablation, tmp_
     assert not any("by ablation" in f for f in rep.findings)
     out = write_report(planted_no_ablation, tmp_path / "bare.html")
     assert "no ablation data" in out.read_text()
+
+
+def test_token_text_shows_its_whitespace_and_nothing_is_escaped_twice(planted):
+    rep = build(planted, words=("cat",))
+    flips = next(s for s in rep.sections if s.title == "Ablation flips")
+    assert flips.tables[0][1]["new_top1_text"].to_list()[:2] == [" X", " X"]  # the frame keeps the text
+    text = render_html(rep)
+    assert "<td>␣X</td>" in text  # the table shows the leading space
+    assert "&amp;" not in text.split("<body>", 1)[1].split("<script>", 1)[0]  # no double escaping
+    assert "(&#x27;&lt;s&gt;&#x27;)" in text  # position-0 token: escaped once
+
+
+def test_lens_rank_heatmap(planted):
+    from tests.reports.conftest import L
+
+    specs = build(planted, words=()).chart_specs()
+    rank = _spec_by_title(specs, "Logit lens: target rank")
+    assert rank["encoding"]["color"]["scale"]["type"] == "log"
+    values = _values(rank)
+    assert len(values) == 8 * (L + 1) and min(v["rank1"] for v in values) == 1
