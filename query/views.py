@@ -167,7 +167,7 @@ SELECT prompt,
        ::INTEGER AS emergence_layer
 FROM logit_lens GROUP BY prompt""",
     ),
-    View("resid", "residual stream vectors, every boundary and position (lazy)", _c(f"""
+    View("resid", "residual stream vectors, every boundary and position", _c(f"""
 prompt INTEGER | prompt index
 boundary INTEGER | 0 = embeddings, l = input of block l, L = last block output
 {_LAYER.replace("layer |", "layer INTEGER |")}
@@ -175,27 +175,27 @@ position INTEGER | token position
 role TINYINT | role of the position (4 = last)
 vec FLOAT[D] | the residual vector"""), heavy=True,
         pushable=frozenset({"prompt", "boundary", "layer", "position", "role"})),
-    View("attn_out", "attention block outputs, every layer and position (lazy)", _c("""
+    View("attn_out", "attention block outputs, every layer and position", _c("""
 prompt INTEGER | prompt index
 layer INTEGER | block index
 position INTEGER | token position
 role TINYINT | role of the position
 vec FLOAT[D] | attention block output"""), heavy=True,
         pushable=frozenset({"prompt", "layer", "position", "role"})),
-    View("mlp_out", "MLP block outputs, every layer and position (lazy)", _c("""
+    View("mlp_out", "MLP block outputs, every layer and position", _c("""
 prompt INTEGER | prompt index
 layer INTEGER | block index
 position INTEGER | token position
 role TINYINT | role of the position
 vec FLOAT[D] | MLP block output"""), heavy=True,
         pushable=frozenset({"prompt", "layer", "position", "role"})),
-    View("head_out", "per-head outputs at the last position (lazy)", _c("""
+    View("head_out", "per-head outputs at the last position", _c("""
 prompt INTEGER | prompt index
 layer INTEGER | block index
 head INTEGER | query head
 vec FLOAT[D] | the head's output (its o_proj input slice times its W_O slice)"""), heavy=True,
         pushable=frozenset({"prompt", "layer", "head"})),
-    View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos) (lazy)", _c("""
+    View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos)", _c("""
 prompt INTEGER | prompt index
 layer INTEGER | block index
 head INTEGER | query head
