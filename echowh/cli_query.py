@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import polars as pl
 
-from echowh.options import warehouse_option
+from echowh.options import refuse_inside, warehouse_option
 from query import QueryError, Warehouse, get_analysis, list_analyses
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -73,6 +73,8 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
         raise click.UsageError("-p only applies to -a NAME")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs -o FILE")
+    if output is not None:
+        refuse_inside(output, warehouse)
     try:
         if analysis is not None:
             get_analysis(analysis)  # unknown name: an error before opening the warehouse
@@ -83,17 +85,17 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
                 df = wh.sql(sql or "")
     except QueryError as e:
         raise click.ClickException(str(e)) from None
-    if fmt == "parquet":
-        assert output is not None
-        df.write_parquet(output)
-        click.echo(f"wrote {df.height} rows to {output}", err=True)
+    if output is None:
+        click.echo(_render(df, fmt, max_rows), nl=False)
         return
-    text = _render(df, fmt, max_rows)
-    if output is not None:
-        output.write_text(text)
-        click.echo(f"wrote {df.height} rows to {output}", err=True)
-    else:
-        click.echo(text, nl=False)
+    try:
+        if fmt == "parquet":
+            df.write_parquet(output)
+        else:
+            output.write_text(_render(df, fmt, max_rows), encoding="utf-8")
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
+    click.echo(f"wrote {df.height} rows to {output}", err=True)
 
 
 @click.command("analyses")
@@ -106,7 +108,8 @@ def analyses() -> None:
                                   subsequent_indent="  ") + "\n")
         for p in a.params:
             default = "NULL" if p.default is None else repr(p.default)
-            buf.write(f"    -p {p.name}=<{p.type}>  default {default}: {p.doc}\n")
+            kind = "|".join(p.choices) if p.choices else p.type
+            buf.write(f"    -p {p.name}=<{kind}>  default {default}: {p.doc}\n")
         buf.write("\n")
     buf.write('Run one with: echowh query -a NAME [-p key=value ...]\n')
     click.echo(buf.getvalue(), nl=False)

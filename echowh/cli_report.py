@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from echowh.options import warehouse_option
+from echowh.options import refuse_inside, warehouse_option
 
 
 @click.command()
@@ -27,6 +27,7 @@ def report(warehouse: Path, output: Path, words: str, title: str | None) -> None
     from query import QueryError
     from reports import ReportError, write_report
 
+    refuse_inside(output, warehouse)
     word_list = tuple(w.strip() for w in words.split(",") if w.strip())
     try:
         path = write_report(warehouse, output, word_list, title)

@@ -24,3 +24,13 @@ def warehouse_option(fn):
         show_default="$ECHOWH_WAREHOUSE or out/warehouse",
         help="Warehouse directory made by `echowh extract`.",
     )(fn)
+
+
+def refuse_inside(output: Path, warehouse: Path) -> None:
+    """Commands that read a warehouse never write into it: refuse an -o that lands inside."""
+    out, root = output.expanduser().resolve(), warehouse.expanduser().resolve()
+    if out == root or root in out.parents:
+        raise click.ClickException(
+            f"refusing to write {output} inside the warehouse {warehouse} (warehouses are read-only "
+            "after extraction); choose an -o outside it"
+        )

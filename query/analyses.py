@@ -5,6 +5,7 @@ Each file starts with a header of ``--`` comment lines::
     -- name: head_dla
     -- description: DLA of every head at a layer (default: each prompt's emergence layer).
     -- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
+    -- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode ({...}: the allowed values)
     -- column: dla FLOAT | the head's direct logit attribution to the target
 
 Parameters reach DuckDB as prepared-statement values (``$layer``), never pasted into the
@@ -33,9 +34,19 @@ class Param:
     type: str  # one of TYPES
     default: Any
     doc: str
+    choices: tuple[str, ...] = ()  # allowed VARCHAR values (a typo is an error, not 0 rows)
 
     def convert(self, value: Any) -> Any:
         """A Python or command-line value as this parameter's type; QueryError if it is not."""
+        value = self._convert(value)
+        if self.choices and value is not None and value not in self.choices:
+            close = difflib.get_close_matches(str(value), self.choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise QueryError(f"parameter {self.name} takes one of {', '.join(self.choices)} "
+                             f"(or NULL), got {value!r}{hint}")
+        return value
+
+    def _convert(self, value: Any) -> Any:
         if value is None:
             return None
         if isinstance(value, str):
@@ -84,7 +95,7 @@ class Analysis:
 
 
 _HEADER = re.compile(r"^--\s*(name|description|param|column):\s*(.*)$")
-_PARAM = re.compile(r"^(\w+)\s+(\w+)\s*=\s*(.*?)\s*\|\s*(.*)$")
+_PARAM = re.compile(r"^(\w+)\s+(\w+)(?:\s*\{([^}]*)\})?\s*=\s*(.*?)\s*\|\s*(.*)$")
 
 
 def parse_analysis(text: str, fallback_name: str) -> Analysis:
@@ -108,8 +119,9 @@ def parse_analysis(text: str, fallback_name: str) -> Analysis:
             pm = _PARAM.match(val)
             if pm is None or pm.group(2).upper() not in TYPES:
                 raise ValueError(f"{fallback_name}: bad param line {val!r}")
-            p = Param(pm.group(1), pm.group(2).upper(), None, pm.group(4))
-            params.append(Param(p.name, p.type, p.convert(pm.group(3).strip("'")), p.doc))
+            choices = tuple(c.strip() for c in (pm.group(3) or "").split(",") if c.strip())
+            p = Param(pm.group(1), pm.group(2).upper(), None, pm.group(5), choices)
+            params.append(Param(p.name, p.type, p.convert(pm.group(4).strip("'")), p.doc, choices))
         elif key == "column":
             left, doc = val.split("|", 1)
             cname, ctype = left.split(None, 1)

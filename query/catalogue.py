@@ -35,12 +35,16 @@ def analyses_markdown() -> str:
         out.append(f"**`{a.name}`**: {a.description}\n")
         if a.params:
             ps = "; ".join(
-                f"`{p.name}` {p.type} = {'NULL' if p.default is None else repr(p.default)} ({p.doc})"
+                f"`{p.name}` {p.type}{_choices(p.choices)} = {'NULL' if p.default is None else repr(p.default)} ({p.doc})"
                 for p in a.params
             )
             out.append(f"Parameters: {ps}.\n")
         out.append("Columns: " + ", ".join(f"`{c[0]}`" for c in a.columns) + ".\n")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _choices(choices: tuple[str, ...]) -> str:
+    return " {" + ", ".join(choices) + "}" if choices else ""
 
 
 def render(name: str) -> str:

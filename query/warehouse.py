@@ -41,9 +41,16 @@ class Warehouse:
         except (OSError, KeyError) as e:
             raise QueryError(f"{path}: unreadable warehouse ({e})") from None
         self.path = Path(path)
-        self.con = duckdb.connect(":memory:")
+        # The connection reaches nothing but the views we register: no files, no network,
+        # no extensions, and the settings cannot be changed back by a user's statement.
+        self.con = duckdb.connect(":memory:", config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        })
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
+        self.con.execute("SET lock_configuration = true")
         self._light: set[str] = set()
         self._heavy: dict[str, tuple[tuple, pa.Table]] = {}  # name -> (key, table)
         self._registered_heavy: set[str] = set()

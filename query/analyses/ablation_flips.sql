@@ -1,8 +1,8 @@
 -- name: ablation_flips
 -- description: Every (prompt, mode, layer, unit) whose ablation changes the model's top-1 token
 --   at the last position, and to what. Empty without ablation shards.
--- param: mode VARCHAR = NULL | only this ablation mode (NULL: every mode)
--- param: unit_kind VARCHAR = NULL | 'head', 'attn' or 'mlp' (NULL: every kind)
+-- param: mode VARCHAR {zero,mean} = NULL | only this ablation mode (NULL: every mode)
+-- param: unit_kind VARCHAR {head,attn,mlp} = NULL | 'head', 'attn' or 'mlp' (NULL: every kind)
 -- param: layer INTEGER = NULL | only this block (NULL: every ablated block)
 -- column: prompt INTEGER | prompt index
 -- column: word VARCHAR | the word

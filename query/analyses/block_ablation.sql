@@ -2,7 +2,7 @@
 -- description: Whole-block ablation per layer: what removing the attention block or the MLP
 --   block does to the target and the distribution, averaged over prompts ("does the
 --   processing happen in the MLPs?"). Empty without ablation shards.
--- param: mode VARCHAR = 'zero' | ablation mode
+-- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode
 -- column: layer INTEGER | block index
 -- column: unit_kind VARCHAR | 'attn' or 'mlp'
 -- column: n_prompts BIGINT | prompts averaged

@@ -2,8 +2,8 @@
 -- description: DLA and ablation effect of every head side by side (default block: each
 --   prompt's emergence layer); flags heads with a large ablation effect but small DLA, whose
 --   effect on the target goes through later layers (indirect). Empty without ablation shards.
--- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
--- param: mode VARCHAR = 'zero' | ablation mode ('zero' or 'mean'; NULL = every mode)
+-- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer (prompts with no emergence block, NULL or -1, are left out: give a layer to include every prompt)
+-- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode ('zero' or 'mean'; NULL = every mode)
 -- param: top INTEGER = 3 | "large" = in the top `top` heads by ablation, "small" = not in the top `top` by DLA
 -- column: prompt INTEGER | prompt index
 -- column: word VARCHAR | the word
@@ -13,8 +13,8 @@
 -- column: mode VARCHAR | ablation mode
 -- column: dla FLOAT | direct logit attribution to the target
 -- column: logit_diff FLOAT | total effect: clean minus ablated target logit
--- column: indirect FLOAT | logit_diff - dla: the part of the effect that is not direct
--- column: dla_rank INTEGER | 1 = largest DLA among the prompt's heads
+-- column: indirect FLOAT | logit_diff - dla: the effect not explained by the head's direct path with the final norm frozen (later layers, and the change of the final norm's scale)
+-- column: dla_rank INTEGER | 1 = largest DLA among the prompt's heads (ties share the best rank)
 -- column: ablation_rank INTEGER | 1 = largest logit_diff among the prompt's heads
 -- column: large_ablation_small_dla BOOLEAN | ablation_rank <= top and dla_rank > top
 WITH sel AS (

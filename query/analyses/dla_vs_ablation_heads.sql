@@ -3,7 +3,7 @@
 --   (clean minus ablated target logit) over prompts, side by side, ranked by ablation effect.
 --   Heads far above the diagonal act indirectly (through later layers). Empty without
 --   ablation shards.
--- param: mode VARCHAR = 'zero' | ablation mode
+-- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode
 -- column: layer INTEGER | block index
 -- column: head INTEGER | head index
 -- column: n_prompts BIGINT | prompts averaged

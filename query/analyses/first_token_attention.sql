@@ -2,7 +2,7 @@
 -- description: Attention of each head from the last position: the mass on position 0 (the
 --   attention-sink candidate), the mass on each token role, and the position (other than 0)
 --   that gets the most of the rest. Default block: each prompt's emergence layer.
--- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
+-- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer (prompts with no emergence block, NULL or -1, are left out: give a layer to include every prompt)
 -- param: head INTEGER = NULL | only this head (NULL: every head)
 -- column: prompt INTEGER | prompt index
 -- column: word VARCHAR | the word

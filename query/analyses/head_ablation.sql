@@ -1,8 +1,8 @@
 -- name: head_ablation
 -- description: Effect of ablating each head of one block on the target (default block: each
 --   prompt's emergence layer), ranked within the prompt; empty without ablation shards.
--- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
--- param: mode VARCHAR = 'zero' | ablation mode ('zero' or 'mean'; NULL = every mode)
+-- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer (prompts with no emergence block, NULL or -1, are left out: give a layer to include every prompt)
+-- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode ('zero' or 'mean'; NULL = every mode)
 -- column: prompt INTEGER | prompt index
 -- column: word VARCHAR | the word
 -- column: template_index INTEGER | template number

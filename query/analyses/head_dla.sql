@@ -1,7 +1,7 @@
 -- name: head_dla
 -- description: Direct logit attribution of every head of one block to the target, per prompt
 --   (default block: each prompt's emergence layer), ranked within the prompt.
--- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
+-- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer (prompts with no emergence block, NULL or -1, are left out: give a layer to include every prompt)
 -- column: prompt INTEGER | prompt index
 -- column: word VARCHAR | the word
 -- column: template_index INTEGER | template number

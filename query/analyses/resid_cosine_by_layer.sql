@@ -16,8 +16,8 @@ WITH pairs AS (
 )
 SELECT ra.layer, count(*) AS n_words,
        avg(array_cosine_similarity(ra.vec, rb.vec)) AS mean_cosine,
-       min(array_cosine_similarity(ra.vec, rb.vec)) AS min_cosine,
-       max(array_cosine_similarity(ra.vec, rb.vec)) AS max_cosine
+       min(array_cosine_similarity(ra.vec, rb.vec))::DOUBLE AS min_cosine,
+       max(array_cosine_similarity(ra.vec, rb.vec))::DOUBLE AS max_cosine
 FROM pairs pr
 JOIN resid ra ON ra.prompt = pr.prompt_a AND ra.role = 4
 JOIN resid rb ON rb.prompt = pr.prompt_b AND rb.role = 4 AND rb.boundary = ra.boundary

@@ -2,9 +2,9 @@
 -- description: How often each head is among the top heads by ablation effect and by DLA
 --   across words and templates, at one block (default: each prompt's emergence layer), e.g.
 --   "head 2 is always in the top 3". Ablation columns are 0/NULL without ablation shards.
--- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer
--- param: mode VARCHAR = 'zero' | ablation mode
--- param: top INTEGER = 3 | size of the top group
+-- param: layer INTEGER = NULL | block index; NULL = each prompt's emergence layer (prompts with no emergence block, NULL or -1, are left out: give a layer to include every prompt)
+-- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode
+-- param: top INTEGER = 3 | size of the top group (ranks tie at the best rank, so a group can hold more heads)
 -- column: head INTEGER | head index
 -- column: n_prompts_dla BIGINT | prompts with DLA at the chosen layer
 -- column: n_top_dla BIGINT | prompts where the head is in the top `top` by DLA

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import polars as pl
 import pytest
-from conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, H, L, T
 
 from query import QueryError, Warehouse, get_analysis, list_analyses
+from tests.query.conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, H, L, T
 
 # The study's analyses (issue), then the aggregates the report charts.
 NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_counts",
@@ -277,3 +278,64 @@ def test_top_heads_without_ablation(wh_no_ablation) -> None:
         df = w.run_analysis("top_heads_consistency")
     assert df["n_prompts_ablation"].to_list() == [0, 0, 0]
     assert df["n_prompts_dla"].to_list() == [2, 2, 2]
+
+
+def _avg_ranks(x: list[float]) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (what standard Spearman uses)."""
+    x = np.asarray(x)
+    return np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
+
+
+def test_dla_vs_ablation_corr_averages_tied_ranks(wh: Warehouse) -> None:
+    # mean mode: prompt 2 ties every head at every layer (no correlation: left out, not NaN)
+    df = wh.run_analysis("dla_vs_ablation_corr", mode="mean")
+    for layer in range(L):
+        rho = []
+        for p in range(4):
+            a, d = np.array(LOGIT_DIFF[p][1][layer][:H]), np.array(DLA_HEAD[p][layer])
+            if np.ptp(a) == 0 or np.ptp(d) == 0:
+                continue
+            rho.append(float(np.corrcoef(_avg_ranks(d), _avg_ranks(a))[0, 1]))
+        got = df.filter(df["layer"] == layer).row(0, named=True)
+        assert got["n_prompts"] == len(rho)
+        assert got["mean_spearman"] == pytest.approx(np.mean(rho))
+        assert got["min_spearman"] == pytest.approx(min(rho))
+
+
+def test_ties_get_average_ranks_in_sql(tmp_path) -> None:
+    """A direct check of the rank formula on a tie: Spearman of [1, 2, 2] vs [1, 2, 3]."""
+    import duckdb
+
+    sql = get_analysis("dla_vs_ablation_corr").sql
+    rank_expr = sql[sql.index("rank() OVER (PARTITION BY prompt, layer, mode ORDER BY dla)"):sql.index(" AS rank_dla")]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE j AS SELECT 0 AS prompt, 0 AS layer, 'zero' AS mode, * FROM "
+                "(VALUES (1.0), (2.0), (2.0)) t(dla)")
+    ranks = [r[0] for r in con.execute(f"SELECT {rank_expr} FROM j ORDER BY dla").fetchall()]
+    assert ranks == [1.0, 2.5, 2.5]
+
+
+@pytest.mark.parametrize(("name", "param", "value", "hint"), [
+    ("head_ablation", "mode", "zer", "; did you mean 'zero'?"),
+    ("ablation_flips", "unit_kind", "heads", "; did you mean 'head'?"),
+    ("block_ablation", "mode", "resample", ""),
+])
+def test_choice_parameters_refuse_other_values(wh: Warehouse, name: str, param: str, value: str, hint: str) -> None:
+    allowed = {"mode": "zero, mean", "unit_kind": "head, attn, mlp"}[param]
+    msg = f"parameter {param} takes one of {allowed} (or NULL), got '{value}'{hint}"
+    with pytest.raises(QueryError, match=re.escape(msg) + "$"):
+        wh.run_analysis(name, **{param: value})
+
+
+_POLARS = {"INTEGER": pl.Int32, "BIGINT": pl.Int64, "DOUBLE": pl.Float64, "FLOAT": pl.Float32,
+           "VARCHAR": pl.String, "BOOLEAN": pl.Boolean, "TINYINT": pl.Int8}
+
+
+def test_declared_column_types_are_what_queries_return(wh: Warehouse) -> None:
+    for a in list_analyses():
+        df = wh.run_analysis(a.name)
+        for name, typ, _ in a.columns:
+            if typ in _POLARS:
+                assert df.schema[name] == _POLARS[typ], (a.name, name, typ, df.schema[name])
+            else:
+                assert typ.endswith("[]") and isinstance(df.schema[name], pl.List), (a.name, name, typ)

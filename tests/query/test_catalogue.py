@@ -28,7 +28,8 @@ def test_every_view_column_and_analysis_is_documented() -> None:
     for a in list_analyses():
         assert f"**`{a.name}`**: {a.description}" in analyses
         for p in a.params:
-            assert f"`{p.name}` {p.type} =" in analyses, (a.name, p.name)
+            choices = " {" + ", ".join(p.choices) + "}" if p.choices else ""
+            assert f"`{p.name}` {p.type}{choices} =" in analyses, (a.name, p.name)
 
 
 def test_update_replaces_only_between_markers() -> None:

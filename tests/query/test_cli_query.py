@@ -51,8 +51,9 @@ def test_analyses_lists_names_descriptions_and_params() -> None:
     r = run("analyses")
     assert r.exit_code == 0
     assert "\nhead_dla\n" in r.output
-    assert "    -p layer=<INTEGER>  default NULL: block index; NULL = each prompt's emergence layer\n" in r.output
-    assert "    -p mode=<VARCHAR>  default 'zero'" in r.output
+    assert ("    -p layer=<INTEGER>  default NULL: block index; NULL = each prompt's emergence layer (prompts "
+            "with no emergence block, NULL or -1, are left out: give a layer to include every prompt)\n") in r.output
+    assert "    -p mode=<zero|mean>  default 'zero': ablation mode\n" in r.output
 
 
 @pytest.mark.parametrize(("args", "code", "text"), [
@@ -88,3 +89,21 @@ def test_missing_and_foreign_warehouse(tmp_path) -> None:
     r = run("query", "-w", str(tmp_path / "other"), "SELECT 1")
     assert r.exit_code == 1
     assert "is not an echo-warehouse (no manifest.json)" in r.output
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "prompts/p00000.h5", "notes.csv"])
+def test_output_inside_the_warehouse_is_refused(wh_path, target: str) -> None:
+    before = {p: p.read_bytes() for p in wh_path.rglob("*") if p.is_file()}
+    out = wh_path / target
+    r = run("query", "-w", str(wh_path), "--format", "json", "-o", str(out), "SELECT 1 AS x")
+    assert r.exit_code == 1
+    assert r.output == (f"Error: refusing to write {out} inside the warehouse {wh_path} (warehouses are "
+                        "read-only after extraction); choose an -o outside it\n")
+    assert {p: p.read_bytes() for p in wh_path.rglob("*") if p.is_file()} == before
+
+
+def test_unwritable_output_is_a_one_line_error(wh_path, tmp_path) -> None:
+    out = tmp_path / "no" / "such" / "dir.csv"
+    r = run("query", "-w", str(wh_path), "--format", "csv", "-o", str(out), "SELECT 1 AS x")
+    assert r.exit_code == 1
+    assert r.output == f"Error: cannot write {out}: No such file or directory\n"

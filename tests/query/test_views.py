@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PROMPTS, RANKS, VOCAB, D, H, L, T
 
 from query import VIEWS, QueryError, Warehouse
+from tests.query.conftest import PROMPTS, RANKS, VOCAB, D, H, L, T
 
 
 def test_every_view_has_its_documented_columns(wh: Warehouse) -> None:
@@ -194,3 +194,13 @@ def test_files_are_never_modified(wh_path) -> None:
         w.sql("SELECT * FROM resid WHERE layer = 0")
         w.run_analysis("emergence_layer")
     assert {p: p.stat().st_mtime_ns for p in wh_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM 'https://example.org/x.parquet'",
+])
+def test_nothing_outside_the_warehouse_is_reachable(wh: Warehouse, sql: str) -> None:
+    with pytest.raises(QueryError, match="file system operations are disabled by configuration"):
+        wh.sql(sql)

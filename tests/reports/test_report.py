@@ -115,6 +115,11 @@ def test_cli_report_and_errors(warehouses, tmp_path):
     assert r.output.strip().splitlines()[-1] == (
         f"Error: no warehouse at {tmp_path / 'none'}; run `echowh extract --out {tmp_path / 'none'}` first")
     assert not (tmp_path / "y.html").exists()
+    inside = full / "report.html"
+    r = CliRunner().invoke(main, ["report", "-w", str(full), "-o", str(inside)])
+    assert r.exit_code == 1 and not inside.exists()
+    assert r.output == (f"Error: refusing to write {inside} inside the warehouse {full} (warehouses are "
+                        "read-only after extraction); choose an -o outside it\n")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
