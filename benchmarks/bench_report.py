@@ -43,7 +43,8 @@ def chromium_render(path: Path, budget_ms: int | None) -> tuple[float, dict[str,
         dom = subprocess.run([*args, "--dump-dom", path.as_uri()], capture_output=True, text=True,
                              timeout=300).stdout
         wall = time.perf_counter() - t0
-    body = re.search(r"<body([^>]*)>", dom)
+    # The inlined Vega bundle's source mentions "<body>" too: take the tag carrying our attributes.
+    body = re.search(r"<body([^>]*data-charts-rendered[^>]*)>", dom)
     attrs = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body.group(1))) if body else {}
     return wall, attrs, path.read_text().count("class='chart'")
 
