@@ -530,36 +530,49 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
         tick(B * len(spec.layers))
 
 
+def grid_groups(prompts: Sequence[Prompt]) -> list[list[Prompt]]:
+    """The prompt groups the grid runs together: per template, chunks of GROUP_PROMPTS.
+
+    Cut from the whole prompt set, so a resumed run composes every group (and therefore every
+    batch) exactly as the first run did and reproduces its numbers bit for bit.
+    """
+    by_tpl: dict[int, list[Prompt]] = {}
+    for p in prompts:
+        by_tpl.setdefault(p.template_index, []).append(p)
+    return [g for tpl in sorted(by_tpl) for g in _chunks(by_tpl[tpl], GROUP_PROMPTS)]
+
+
 def iter_grid(ad: Adapter, prompts: Sequence[Prompt], spec: GridSpec, means: Means | None, *,
               sink: Callable[[Prompt, int, torch.Tensor, torch.Tensor], None],
               done: Callable[[Prompt], None] = lambda p: None,
               tick: Callable[[int], None] = lambda n: None,
-              all_prompts: Sequence[Prompt] | None = None) -> None:
+              all_prompts: Sequence[Prompt] | None = None,
+              skip: Callable[[list[Prompt]], bool] = lambda g: False) -> None:
     """Run the grid; sink(prompt, layer_index, logits (C, V), clean_logits (V,)) per layer.
 
     C = M modes x U units, mode-major. ``done(prompt)`` follows a prompt's last sink call.
-    ``all_prompts`` (default ``prompts``) fixes the mean-key layout of each template.
+    ``all_prompts`` (default ``prompts``) fixes the mean-key layout of each template; a group
+    for which ``skip(group)`` is true is not run.
     """
     if spec.modes and "mean" in spec.modes and means is None:
         raise ValueError("mean ablation needs means (compute_means)")
     maps = means.maps if means is not None else key_maps(all_prompts or prompts)
     rope = _rope(ad, max(p.n_tokens for p in prompts))
-    by_tpl: dict[int, list[Prompt]] = {}
-    for p in prompts:
-        by_tpl.setdefault(p.template_index, []).append(p)
     run = _all_positions if spec.positions == "all" else _last_position
-    for tpl in sorted(by_tpl):
-        for grp in _chunks(by_tpl[tpl], GROUP_PROMPTS):
-            keys = [maps[tpl].keys(p) for p in grp]
-            g = _clean_group(ad, grp, keys, rope)
+    for grp in grid_groups(prompts):
+        if skip(grp):
+            continue
+        tpl = grp[0].template_index
+        keys = [maps[tpl].keys(p) for p in grp]
+        g = _clean_group(ad, grp, keys, rope)
 
-            def _sink(i: int, li: int, logits: torch.Tensor, g: _Group = g) -> None:
-                sink(g.prompts[i], li, logits, g.clean_logits[i])
+        def _sink(i: int, li: int, logits: torch.Tensor, g: _Group = g) -> None:
+            sink(g.prompts[i], li, logits, g.clean_logits[i])
 
-            with torch.no_grad():
-                run(ad, g, spec, means, rope, _sink, tick)
-            for p in grp:
-                done(p)
+        with torch.no_grad():
+            run(ad, g, spec, means, rope, _sink, tick)
+        for p in grp:
+            done(p)
 
 
 # -- numbers stored per (mode, layer, unit) ------------------------------------------------------
@@ -630,8 +643,12 @@ def run_ablation(
     M, Lp = len(modes), len(layers)
     acc: dict[int, dict] = {}
 
+    todo = {p.index for p in pending}
+
     def sink(p: Prompt, li: int, logits: torch.Tensor, clean: torch.Tensor) -> None:
         assert logits.dim() == 2 and logits.shape[0] == M * U, logits.shape  # (C, V)
+        if p.index not in todo:
+            return  # rerun only as a member of its group; its shard exists
         stats = summarise(logits, clean, targets[p.index], top_k)
         st = acc.setdefault(p.index, {})
         for f, v in stats.items():
@@ -646,11 +663,19 @@ def run_ablation(
             s.attrs({"prompt_index": p.index, "fingerprint": fingerprint, "modes": list(modes),
                      "positions": positions, "layers": np.array(layers, np.int32), "n_heads": a.n_heads})
 
-    bar = tqdm(total=len(pending) * Lp, unit="prompt-layer", desc="ablation grid",
+    # Groups come from every prompt (see grid_groups): a group with a pending prompt is rerun
+    # whole, as first composed, and only its missing shards are written.
+    groups = [g for g in grid_groups(prompts) if any(p.index in todo for p in g)]
+    bar = tqdm(total=sum(len(g) for g in groups) * Lp, unit="prompt-layer", desc="ablation grid",
                disable=not progress, file=sys.stderr)
+
+    def finish_pending(p: Prompt) -> None:
+        if p.index in todo:
+            finish(p)
+
     try:
-        iter_grid(adapter, pending, spec, means, sink=sink, done=finish, tick=bar.update,
-                  all_prompts=prompts)
+        iter_grid(adapter, prompts, spec, means, sink=sink, done=finish_pending, tick=bar.update,
+                  all_prompts=prompts, skip=lambda g: not any(p.index in todo for p in g))
     finally:
         bar.close()
     return {"prompts": len(pending), "means_s": round(t1 - t0, 3),

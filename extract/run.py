@@ -195,9 +195,15 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
 
     # One writer thread: a batch's shards are written while the next batch computes. At most
     # one batch waits, so memory stays flat in the number of prompts.
+    # Batches are cut from the whole prompt set, never from what is pending: a resumed run
+    # recomputes the batches it needs exactly as the first run composed them (BLAS results
+    # depend on batch shape), so resumed tensors are bit-identical to an uninterrupted run's.
+    # Only the missing shards are written; a finished shard is never rewritten.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending_write = None
-        for batch in batches(pending, cfg.batch_size):
+        for batch in batches(prompts, cfg.batch_size):
+            if all(p.index in done for p in batch):
+                continue
             ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
             cap = capture(adapter, ids)
             logits_np = cap.logits.cpu().numpy()
@@ -205,7 +211,8 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
             derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
             gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
             del cap
-            items = [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)]
+            items = [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)
+                     if p.index not in done]
             if pending_write is not None:
                 pending_write.result()  # re-raises a failed write here
             pending_write = pool.submit(write_batch, items)

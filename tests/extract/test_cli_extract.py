@@ -189,6 +189,35 @@ def test_kill_minus_nine_then_resume_gives_identical_tensors(tiny_qwen2_dir, tmp
     assert m["status"] == "complete"
 
 
+def test_resume_recomputes_only_missing_shards_bit_for_bit(tiny_qwen2_dir, tmp_path):
+    """A run stopped during extraction or the ablation grid (shards missing, a stale .partial)
+    resumes to exactly the clean run's numbers at the default batch size, mean ablation
+    included: batches and groups are cut from the whole prompt set, means from every prompt."""
+    words = _words(tmp_path, "cat\ndog\nhouse\ntree\n")
+    args = ["extract", "--quiet", "--model", str(tiny_qwen2_dir), "--words", words,
+            "--ablation", "zero,mean", "--ablate-layers", "1,2"]
+    clean, cut = tmp_path / "clean", tmp_path / "cut"
+    for out in (clean, cut):
+        r = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+    kept = {p: p.stat().st_mtime_ns for p in (cut / "ablation").glob("*.h5")}
+    kept.update({p: p.stat().st_mtime_ns for p in (cut / "prompts").glob("*.h5")})
+    for name in ("ablation/p00001.h5", "ablation/p00006.h5", "prompts/p00002.h5", "ablation/p00002.h5"):
+        (cut / name).unlink()
+        kept.pop(cut / name)
+    (cut / "ablation" / "p00006.h5.partial").write_bytes(b"torn")
+    (cut / "prompts" / "p00002.h5.partial").write_bytes(b"torn")
+    r = CliRunner().invoke(main, [*args, "--out", str(cut), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and "7 of 8 prompts already stored" in r.output
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished shards untouched
+    assert not list(cut.rglob("*.partial"))
+    a, b = _tensors(clean), _tensors(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch):
     """A tolerance no float computation meets: the run says so loudly and exits 1."""
     import extract.run
