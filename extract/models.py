@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +192,28 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, dict[str, Any]
             raise ModelError(f"{p} has no config.json; pass a Hugging Face model folder")
         return str(p.resolve()), {"model": name, "source": f"folder:{p.resolve()}", "revision": _folder_revision(p)}
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return name, {"model": name, "source": "hub", "revision": None}
+        return name, {"model": name, "source": "hub", "revision": None, "cached": _hub_cached(name)}
     raise ModelError(
         f"unknown model {name!r}: pass a hub id (org/name), a local model folder, "
         f"or {', '.join(EMBEDDED_ALIASES)}"
     )
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Is the model in the local Hugging Face cache ($HF_HUB_CACHE)? Then no network is needed."""
+    return _hub_revision(repo_id) is not None
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of the cached snapshot (.../snapshots/<commit>/config.json), if cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _folder_revision(p: Path) -> str:
@@ -216,15 +234,27 @@ def pick_device(choice: str) -> torch.device:
 
 def load_model(name: str, dtype: str = "float32", device: str = "auto", progress: bool = True):
     """Load (model, tokenizer, identity) with eager attention, refusing unsupported types first."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # its retry warnings would repeat our one-line error
     if not progress:
         hf_logging.disable_progress_bar()
     path, ident = resolve_model(name, progress)
+    # A hub id already in the local cache loads from there with no network call at all.
+    local_only = bool(ident.pop("cached", False))
+    if ident["source"] == "hub" and not local_only:
+        if _hub_offline():
+            raise ModelError(
+                f"{name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                f"where there is network (`hf download {name}`) or pass a local model folder"
+            )
+        if progress:
+            print(f"{name} is not in the Hugging Face cache: fetching it from the hub", file=sys.stderr)
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"could not load the config of {name!r} ({str(e).splitlines()[0]}); without network, "
@@ -234,14 +264,15 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", progress
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     dev = pick_device(device)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         # Load in the target dtype: casting afterwards would also round RoPE's inv_freq.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager",
+                                                     local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load {name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
-    if ident.get("revision") is None:
-        ident["revision"] = getattr(model.config, "_commit_hash", None)
+    if ident.get("revision") is None:  # a hub id: the snapshot it was loaded from
+        ident["revision"] = getattr(model.config, "_commit_hash", None) or _hub_revision(name)
     ident["dtype"] = dtype
     ident["device"] = str(dev)
     ident["attn_implementation"] = model.config._attn_implementation

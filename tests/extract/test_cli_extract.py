@@ -229,3 +229,40 @@ def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch)
     assert "FAIL (2 prompts)" in r.output
     assert _error_line(r).startswith("Error: validation FAILED for ")
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed-validation"
+
+
+def _hub_cache_with(model_dir: Path, root: Path, repo: str, commit: str = "0123456789abcdef") -> Path:
+    """A Hugging Face hub cache (models--org--name/snapshots/<commit>) holding ``model_dir``."""
+    import shutil
+
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    shutil.copytree(model_dir, snap)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return root
+
+
+@pytest.mark.slow
+def test_hub_id_loads_from_the_local_cache_offline(tiny_qwen2_dir, tmp_path):
+    """`--model org/name` (how Qwen/Qwen2.5-1.5B-Instruct is given) from the HF cache, no network;
+    a hub id missing from the cache with HF_HUB_OFFLINE set fails at once with what to do."""
+    cache = _hub_cache_with(tiny_qwen2_dir, tmp_path / "hub", "Qwen/Tiny-Test")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "echowh.cli", "extract", "--quiet", "--ablation", "none",
+            "--words", _words(tmp_path, "cat\n")]
+    r = subprocess.run([*base, "--model", "Qwen/Tiny-Test", "--out", str(tmp_path / "w")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert m["model"]["model"] == "Qwen/Tiny-Test" and m["model"]["source"] == "hub"
+    assert m["model"]["revision"] == "0123456789abcdef" and m["model"]["model_type"] == "qwen2"
+    assert m["status"] == "complete"
+
+    r = subprocess.run([*base, "--model", "Qwen/Not-Cached", "--out", str(tmp_path / "w2")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "Error: 'Qwen/Not-Cached' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+        "where there is network (`hf download Qwen/Not-Cached`) or pass a local model folder")
+    assert not (tmp_path / "w2").exists()
