@@ -280,3 +280,29 @@ def test_shards_readable_with_h5dump(tiny_run):
     r = subprocess.run(["h5dump", "-d", "final_scale", str(out / "prompts" / "p00000.h5")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "DATA" in r.stdout
+
+
+def test_bfloat16_compute_tracks_float32(tiny_qwen2_dir, tmp_path):
+    """--dtype bfloat16 (how a 1.5B model fits a laptop): the invariants hold at the bf16 tolerance
+    and every stored number, ablation grid included, stays within it of the float32 run."""
+    from store import A
+    from store.schema import TOLERANCE
+
+    runs = {}
+    for dt in ("float32", "bfloat16"):
+        out = tmp_path / dt
+        s = extract(ExtractConfig(out=out, model=str(tiny_qwen2_dir), words=("cat", "dog"), dtype=dt,
+                                  ablation=("zero", "mean"), ablate_layers=(0, 2), progress=False),
+                    log=lambda m: None)
+        assert not s.failed, s.validation
+        runs[dt] = out
+    tol = TOLERANCE["bfloat16"]
+    with WarehouseReader(runs["float32"]) as r32, WarehouseReader(runs["bfloat16"]) as r16:
+        assert r16.manifest["model"]["dtype"] == "bfloat16"
+        assert max(v["max_rel_err"] for v in r16.manifest["validation"].values()) <= tol
+        for i in r32.prompt_indices():
+            assert r16.prompt_attrs(i)["target_id"] == r32.prompt_attrs(i)["target_id"]
+            for f in (F.RESID, F.ATTN_PATTERN, F.FINAL_LOGITS, F.LENS_TARGET_LOGIT, F.DLA_HEAD, F.DLA_MLP):
+                _close(r16.read(f, i), r32.read(f, i), tol)
+            for f in (A.TARGET_LOGIT, A.LOGIT_DIFF, A.KL):
+                _close(r16.read(f, i, subdir="ablation"), r32.read(f, i, subdir="ablation"), tol)
