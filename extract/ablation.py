@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from extract.models import Adapter
 from extract.prompts import Prompt
 from store.schema import ABLATION_DIR, A, Mode, Role
-from store.warehouse import WarehouseWriter
+from store.warehouse import WarehouseWriter, validation_array
 
 MODE_NAMES: tuple[str, ...] = tuple(m.name.lower() for m in Mode)
 GROUP_PROMPTS = 64  # prompts sharing one prefix run: bounds memory, amortises the prefix
@@ -611,11 +611,16 @@ def run_ablation(
     top_k: int,
     fingerprint: str,
     progress: bool = True,
+    reference: Callable[[int], np.ndarray] | None = None,
+    tolerance: float = 1e-4,
 ) -> dict[str, float]:
     """Ablate every unit of every requested layer for each prompt without an ablation shard.
 
     Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K])),
-    atomically; returns timings.
+    atomically; returns timings. With ``reference`` (prompt index -> the model's own logits at
+    the last position, as the extraction stored them) each shard also records invariant 6's
+    first half, checked on every run: the engine's own forward with nothing removed reproduces
+    the model (rel. error within ``tolerance``).
     """
     a = adapter.arch
     L = a.n_layers
@@ -651,6 +656,12 @@ def run_ablation(
             return  # rerun only as a member of its group; its shard exists
         stats = summarise(logits, clean, targets[p.index], top_k)
         st = acc.setdefault(p.index, {})
+        if reference is not None and A.VALIDATION not in st:
+            model = torch.from_numpy(np.asarray(reference(p.index), np.float32)).to(clean.device)  # (V,)
+            err = float((clean.float() - model).abs().max())
+            rel = err / max(1.0, float(model.abs().max()))
+            st[A.VALIDATION] = validation_array(
+                [("ablation_clean_is_model", err, rel, tolerance, rel <= tolerance)])
         for f, v in stats.items():
             arr = st.setdefault(f, np.zeros((M, Lp, U, *v.shape[1:]), dtype=np.dtype(f.dtype)))
             arr[:, li] = v.cpu().numpy().reshape(M, U, *v.shape[1:])

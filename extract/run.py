@@ -31,8 +31,11 @@ from extract.prompts import (
     sha,
 )
 from store.schema import (
+    ABLATION_DIR,
     INVARIANTS,
+    PROMPTS_DIR,
     TOLERANCE,
+    A,
     F,
     M,
 )
@@ -230,11 +233,12 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
 
         targets = _stored_targets(cfg.out)
         t2 = time.perf_counter()
-        abl = run_ablation(
-            adapter, prompts, targets, w, modes=tuple(cfg.ablation), positions=cfg.ablate_positions,
-            layers=cfg.ablate_layers, top_k=cfg.top_k, fingerprint=manifest["fingerprint"],
-            progress=cfg.progress,
-        )
+        with WarehouseReader(cfg.out) as stored:
+            abl = run_ablation(
+                adapter, prompts, targets, w, modes=tuple(cfg.ablation), positions=cfg.ablate_positions,
+                layers=cfg.ablate_layers, top_k=cfg.top_k, fingerprint=manifest["fingerprint"],
+                progress=cfg.progress, reference=lambda i: stored.read(F.FINAL_LOGITS, i), tolerance=tol,
+            )
         t_abl = time.perf_counter() - t2
         timings.update({"ablation_s": round(t_abl, 3), **{f"ablation_{k}": v for k, v in (abl or {}).items()}})
     validation = summarise_validation(cfg.out)
@@ -276,21 +280,24 @@ def _stored_targets(root) -> dict[int, int]:
 
 
 def summarise_validation(root) -> dict[str, dict[str, Any]]:
-    """Max error of each invariant over every stored prompt, and which prompts failed."""
-    out: dict[str, dict[str, Any]] = {
-        k: {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None, "failed_prompts": [],
-            "passed": True, "description": v}
-        for k, v in INVARIANTS.items()
-    }
+    """Max error of each invariant over every stored shard (prompts and ablation), and which
+    prompts failed; only the invariants this run checked appear, in INVARIANTS order."""
+    seen: dict[str, dict[str, Any]] = {}
     with WarehouseReader(root) as r:
-        for i in r.prompt_indices():
-            for row in r.read(F.VALIDATION, i):
-                name = row["invariant"].decode()
-                o = out[name]
-                o["max_abs_err"] = max(o["max_abs_err"], float(row["max_abs_err"]))
-                o["max_rel_err"] = max(o["max_rel_err"], float(row["rel_err"]))
-                o["tolerance"] = float(row["tolerance"])
-                if not row["passed"]:
-                    o["failed_prompts"].append(i)
-                    o["passed"] = False
-    return out
+        for subdir, indices in ((PROMPTS_DIR, r.prompt_indices()), (ABLATION_DIR, r.ablation_indices())):
+            for i in indices:
+                if subdir == ABLATION_DIR and not r.has(A.VALIDATION, i, subdir):
+                    continue
+                for row in r.read(F.VALIDATION, i, subdir=subdir):
+                    name = row["invariant"].decode()
+                    o = seen.setdefault(name, {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None,
+                                               "failed_prompts": [], "passed": True,
+                                               "description": INVARIANTS.get(name, "")})
+                    o["max_abs_err"] = max(o["max_abs_err"], float(row["max_abs_err"]))
+                    o["max_rel_err"] = max(o["max_rel_err"], float(row["rel_err"]))
+                    o["tolerance"] = float(row["tolerance"])
+                    if not row["passed"]:
+                        o["failed_prompts"].append(i)
+                        o["passed"] = False
+    order = list(INVARIANTS)
+    return dict(sorted(seen.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))

@@ -461,10 +461,14 @@ class Loader:
 
     def _v_validation(self) -> pa.Table:
         cols: dict[str, list] = {c: [] for c in VIEW_BY_NAME["validation"].names}
+        ablated = set(self.r.ablation_indices())
         for p in self.prompts.tolist():
-            if not self.r.has(F.VALIDATION, p):
+            rows = [self.r.read(F.VALIDATION, p)] if self.r.has(F.VALIDATION, p) else []
+            if p in ablated and self.r.has(A.VALIDATION, p, ABLATION_DIR):
+                rows.append(self.r.read(A.VALIDATION, p, subdir=ABLATION_DIR))
+            if not rows:
                 continue
-            v = self.r.read(F.VALIDATION, p)
+            v = np.concatenate(rows)
             cols["prompt"] += [p] * len(v)
             cols["invariant"] += [_attr_str(x) for x in v["invariant"]]
             for k in ("max_abs_err", "rel_err", "tolerance"):

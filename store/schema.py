@@ -141,6 +141,8 @@ INVARIANTS: dict[str, str] = {
     "resid_chain": "resid[l] + attn_out[l] + mlp_out[l] == resid[l+1] (all layers, positions)",
     "dla_sums_to_logit": "embed + head + bias + MLP DLA terms == target logit (frozen final scale)",
     "lens_last_is_logits": "logit lens at the last boundary == model logits (full vocabulary)",
+    "ablation_clean_is_model": "the ablation engine's own forward, removing nothing, == model logits "
+                               "(full vocabulary; stored in the ablation shard)",
 }
 VALIDATION_DTYPE = [
     ("invariant", "S32"),
@@ -191,6 +193,8 @@ class A:
     KL = Field("kl", ("M", "L", "U"), "float32", "KL(clean || ablated) over the full vocabulary, nats")
     TOPK_IDS = Field("topk_ids", ("M", "L", "U", "K"), "int32", "top-k tokens after ablation")
     TOPK_LOGITS = Field("topk_logits", ("M", "L", "U", "K"), "float32", "their logits")
+    VALIDATION = Field("validation", ("I",), "compound",
+                       "invariant checks of the ablation run (ablation_clean_is_model)", optional=True)
 
 
 ABLATION_ATTRS: dict[str, str] = {

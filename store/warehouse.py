@@ -363,8 +363,8 @@ class WarehouseReader:
             return np.array(ds.asstr()[()], dtype=object)
         return ds[()]
 
-    def has(self, field: Field, index: int) -> bool:
-        return field.name in self.shard(index)
+    def has(self, field: Field, index: int, subdir: str = PROMPTS_DIR) -> bool:
+        return field.name in self.shard(index, subdir)
 
     def iter_prompts(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for i in self.prompt_indices():

@@ -208,7 +208,8 @@ def test_run_ablation_writes_shards(setup, tmp_path):
     layers = (0, L - 1)
     kw = dict(modes=("zero", "mean"), positions="all", layers=layers, top_k=5, fingerprint="fp",
               progress=False)
-    t = abl.run_ablation(adapter, prompts[:2], targets, w, **kw)
+    reference = {p.index: _hf_logits(adapter, p).numpy() for p in prompts[:2]}  # the model's own
+    t = abl.run_ablation(adapter, prompts[:2], targets, w, reference=reference.__getitem__, **kw)
     assert t["prompts"] == 2
     assert abl.run_ablation(adapter, prompts[:2], targets, w, **kw)["prompts"] == 0  # resumable
     with h5py.File(tmp_path / ABLATION_DIR / prompt_shard_name(0)) as f:
@@ -221,6 +222,9 @@ def test_run_ablation_writes_shards(setup, tmp_path):
         rank = f[A.TARGET_RANK.name][()]
         tl = f[A.TARGET_LOGIT.name][()]
         topk = f[A.TOPK_LOGITS.name][()]
+        (check,) = f[A.VALIDATION.name][()]  # invariant 6, first half: removing nothing == model
+    assert check["invariant"] == b"ablation_clean_is_model" and check["passed"]
+    assert check["rel_err"] <= TOL and check["tolerance"] == 1e-4
     assert (kl >= 0).all() and kl.max() > 0
     assert ((rank == 0) == (tl >= topk[..., 0])).all()
     # the stored numbers are the summary of the engine's logits

@@ -231,6 +231,25 @@ def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch)
     assert json.loads((out / "manifest.json").read_text())["status"] == "failed-validation"
 
 
+def test_ablation_engine_drift_fails_the_run(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """Every run checks the ablation engine against the model (removing nothing == the model's
+    logits): a bug in the engine's forward is caught on real data, not only by the tests."""
+    import extract.ablation
+
+    real = extract.ablation._logits
+    monkeypatch.setattr(extract.ablation, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
+    out = tmp_path / "w"
+    r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out),
+             "--ablation", "zero", "--ablate-layers", "0")
+    assert r.exit_code == 1
+    assert _error_line(r) == (f"Error: validation FAILED for ablation_clean_is_model: see the table above; "
+                              f"the warehouse at {out} is kept for inspection")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "failed-validation"
+    assert m["validation"]["ablation_clean_is_model"]["failed_prompts"] == [0, 1]
+    assert all(v["passed"] for k, v in m["validation"].items() if k != "ablation_clean_is_model")
+
+
 def _hub_cache_with(model_dir: Path, root: Path, repo: str, commit: str = "0123456789abcdef") -> Path:
     """A Hugging Face hub cache (models--org--name/snapshots/<commit>) holding ``model_dir``."""
     import shutil

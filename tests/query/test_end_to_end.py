@@ -9,7 +9,7 @@ import pytest
 from extract.config import ExtractConfig
 from extract.run import extract
 from query import Warehouse, list_analyses
-from store import A, F, WarehouseReader
+from store import INVARIANTS, A, F, WarehouseReader
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,16 @@ def test_every_analysis_runs_on_a_real_warehouse(real):
         for a in list_analyses():
             df = wh.run_analysis(a.name)
             assert df.columns, a.name
+
+
+def test_every_invariant_is_in_the_validation_view(real):
+    with Warehouse(real) as wh:
+        rows = wh.sql("SELECT invariant, count(*) AS n, bool_and(passed) AS ok FROM validation "
+                      "GROUP BY invariant ORDER BY invariant").rows()
+        summary = wh.run_analysis("validation_summary")
+    assert [r[0] for r in rows] == sorted(INVARIANTS)  # the 5 of the extraction + the ablation engine's
+    assert all(n == 6 and ok for _, n, ok in rows)
+    assert summary["n_passed"].to_list() == [6] * len(INVARIANTS)
 
 
 def test_numbers_match_the_raw_arrays(real):
