@@ -189,7 +189,8 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     tol = TOLERANCE[cfg.dtype]
 
     t1 = time.perf_counter()
-    bar = tqdm(total=len(pending), unit="prompt", desc="extract", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(total=len(pending), unit="prompt", desc="extract", disable=not cfg.progress or not pending,
+               file=sys.stderr)
 
     def write_batch(items) -> None:
         for args in items:
