@@ -203,13 +203,28 @@ class _Walker:
                 if got is None:
                     continue
                 col, pred = got
-                target = self._owner(col, tables, known)
-                if target is not None:
-                    ref = self.refs[id(target)]
-                    ref.preds.setdefault(col[-1].lower(), []).append(pred)
+                owner = self._owner(col, tables, known)
+                if owner is not None:
+                    target, column = owner
+                    self.refs[id(target)].preds.setdefault(column, []).append(pred)
 
-    def _owner(self, col: list[str], tables: list[dict], known: bool) -> dict | None:
-        """The heavy table reference a column belongs to, if unambiguous."""
+    def _visible(self, t: dict) -> dict[str, str] | None:
+        """Column names a table reference exposes -> the view's own column (None: unknown).
+
+        ``FROM resid r(p, layer)`` renames the view's first columns by position: there ``layer``
+        is the view's ``boundary``, and a predicate on it must narrow ``boundary``.
+        """
+        cols = self.columns.get(str(t.get("table_name", "")).lower())
+        if cols is None:
+            return None
+        aliases = [str(a).lower() for a in (t.get("column_name_alias") or [])]
+        if len(aliases) > len(cols):
+            return None
+        names = aliases + list(cols[len(aliases):])
+        return dict(zip(names, cols, strict=True))
+
+    def _owner(self, col: list[str], tables: list[dict], known: bool) -> tuple[dict, str] | None:
+        """The heavy table reference a column belongs to and the view column it is, if unambiguous."""
         name = col[-1].lower()
         if len(col) == 2:
             q = col[0].lower()
@@ -217,15 +232,20 @@ class _Walker:
         elif len(col) == 1:
             if not known:
                 return None
-            hits = [t for t in tables if name in self.columns.get(str(t.get("table_name", "")).lower(), ())]
-            if any(str(t.get("table_name", "")).lower() not in self.columns for t in tables):
+            visible = [self._visible(t) for t in tables]
+            if any(v is None for v in visible):
                 return None  # a table with columns we do not know could own it
+            hits = [t for t, v in zip(tables, visible, strict=True) if v is not None and name in v]
         else:
             return None
         if len(hits) != 1:
             return None
+        visible_cols = self._visible(hits[0])
+        if visible_cols is None or name not in visible_cols:
+            return None
+        column = visible_cols[name]
         tname = str(hits[0].get("table_name", "")).lower()
-        return hits[0] if name in self.pushable.get(tname, set()) else None
+        return (hits[0], column) if column in self.pushable.get(tname, set()) else None
 
 
 def parse(con: duckdb.DuckDBPyConnection, sql: str, views: Mapping[str, tuple[str, ...]],

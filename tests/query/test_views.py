@@ -204,3 +204,14 @@ def test_files_are_never_modified(wh_path) -> None:
 def test_nothing_outside_the_warehouse_is_reachable(wh: Warehouse, sql: str) -> None:
     with pytest.raises(QueryError, match="file system operations are disabled by configuration"):
         wh.sql(sql)
+
+
+@pytest.mark.parametrize(("sql", "rows"), [
+    # columns renamed by position: here `layer` is the view's boundary and `boundary` its layer
+    ("SELECT count(*) AS n FROM resid r(p, layer, boundary) WHERE r.layer = 0 AND r.p = 0", T),
+    ("SELECT count(*) AS n FROM resid r(p, layer, boundary) WHERE boundary = -1 AND p = 0", T),
+    ("SELECT count(*) AS n FROM resid AS r(p) WHERE p IN (0, 1) AND layer = 1", 2 * T),
+    ("SELECT count(*) AS n FROM (SELECT * FROM resid) r(p, layer, boundary) WHERE r.layer = 0 AND r.p = 0", T),
+])
+def test_renamed_columns_narrow_the_right_column(wh: Warehouse, sql: str, rows: int) -> None:
+    assert wh.sql(sql)["n"][0] == rows
