@@ -29,18 +29,21 @@ def _ablation_modes(ctx, param, value: str) -> tuple[str, ...]:
 
 
 def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    """``all``, or 0-based block indices: ``20,21,22``, ranges ``18-25`` (both ends included)."""
     if value is None or value.strip().lower() == "all":
         return None
     out: list[int] = []
     try:
         for part in value.split(","):
             if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(x) for x in part.split("-"))
+                if lo > hi:
+                    raise click.BadParameter(f"{part.strip()}: the range starts after it ends (write {hi}-{lo})")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
     except ValueError:
-        raise click.BadParameter("use all, or layer numbers like 20,21,22 or 18-25") from None
+        raise click.BadParameter("use all, or 0-based layer numbers like 20,21,22 or 18-25") from None
     return tuple(sorted(set(out)))
 
 

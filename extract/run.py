@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from extract.capture import capture, derive, greedy_continue
 from extract.config import ExtractConfig
-from extract.models import Adapter, load_model
+from extract.models import Adapter, ModelError, load_model
 from extract.prompts import (
     Prompt,
     build_prompts,
@@ -94,11 +94,22 @@ def prepare(cfg: ExtractConfig):
         # model wants its own (Qwen2.5) template. Recorded in the manifest via its hash.
         tok.chat_template = qwen25_chat_template()
     adapter = Adapter(model)
+    check_layers(cfg.ablate_layers, adapter.arch.n_layers)
     prompts = build_prompts(
         tok, words, cfg.templates, chat=cfg.chat_template,
         system_prompt=cfg.system_prompt, prepend_bos=cfg.prepend_bos,
     )
     return adapter, tok, ident, words, prompts
+
+
+def check_layers(layers: tuple[int, ...] | None, n_layers: int) -> None:
+    """Refuse --ablate-layers outside the model before anything is computed or written."""
+    if layers is None:
+        return
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise ModelError(f"--ablate-layers {','.join(map(str, bad)) or '(none)'} is outside this model's "
+                         f"layers 0-{n_layers - 1}")
 
 
 def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: list[str],

@@ -79,6 +79,20 @@ def test_unknown_model_type(tmp_path):
     assert _error_line(r) == "Error: model type 'gpt2' is not supported; supported types: llama, qwen2"
 
 
+@pytest.mark.parametrize(("layers", "code", "line"), [
+    ("3,99", 1, "Error: --ablate-layers 3,99 is outside this model's layers 0-2"),
+    ("2-1", 2, "Error: Invalid value for '--ablate-layers': 2-1: the range starts after it ends (write 1-2)"),
+    ("x", 2, "Error: Invalid value for '--ablate-layers': use all, or 0-based layer numbers like 20,21,22 or 18-25"),
+])
+def test_bad_ablate_layers_before_any_work(tiny_qwen2_dir, tmp_path, layers: str, code: int, line: str):
+    out = tmp_path / "w"
+    r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out),
+             "--ablation", "zero", "--ablate-layers", layers)
+    assert r.exit_code == code, r.output
+    assert _error_line(r) == line
+    assert "Traceback" not in r.output and not out.exists()
+
+
 def test_unknown_model_name(tmp_path):
     r = _run("--model", "no-such-model", "--out", str(tmp_path / "w"))
     assert r.exit_code == 1
