@@ -236,9 +236,7 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     bar.close()
     t_extract = time.perf_counter() - t1
 
-    timings = dict(w.manifest.get("timings", {}))
-    timings.update({"load_s": round(t_load, 3), "extract_s": round(t_extract, 3),
-                    "extract_prompts": len(pending)})
+    timings = {"load_s": round(t_load, 3), "extract_s": round(t_extract, 3), "extract_prompts": len(pending)}
     t_abl = 0.0
     if cfg.ablation:
         from extract.ablation import run_ablation
@@ -256,10 +254,22 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     validation = summarise_validation(cfg.out)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     status = "complete" if all(v["passed"] for v in validation.values()) else "failed-validation"
-    w.write_manifest(status=status, timings=timings, validation=validation,
-                     warnings=sorted(set(w.manifest.get("warnings", []) + w.warnings)),
+    w.write_manifest(status=status, timings=accumulate_timings(w.manifest.get("timings", {}), timings),
+                     validation=validation, warnings=sorted(set(w.manifest.get("warnings", []) + w.warnings)),
                      completed=datetime.now(UTC).isoformat(timespec="seconds"))
     return RunSummary(str(cfg.out), len(prompts), len(pending), len(done), validation, timings, w.warnings)
+
+
+def accumulate_timings(previous: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's timings: every session (a resumed run adds one) and their totals.
+
+    A resume must not replace the first run's minutes with its own seconds.
+    """
+    runs = list(previous.get("runs", [previous] if previous else []))
+    runs.append(session)
+    keys = dict.fromkeys(k for r in runs for k, v in r.items() if isinstance(v, int | float))
+    totals = {k: round(sum(r.get(k, 0) for r in runs), 3) for k in keys}
+    return {**totals, "sessions": len(runs), "runs": runs}
 
 
 def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: bool, d, gen: list[int],

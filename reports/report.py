@@ -123,7 +123,7 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
                   ", ".join(word_list),
                   "on" if cfg.get("chat_template", True) else "off", first_tokens,
                   f"{','.join(cfg.get('ablation', [])) or 'none'} ({cfg.get('ablate_positions', '')} positions)",
-                  f"{m.get('timings', {}).get('total_s', '–')} s", str(m.get("status"))],
+                  _duration(m.get("timings", {})), str(m.get("status"))],
     })
     ok = val.filter(pl.col("n_passed") < pl.col("n_prompts")).height == 0
     sections.append(Section("Run summary", "The run's manifest and the invariants checked on every prompt.",
@@ -287,6 +287,15 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
 
     model_name = model.get("model", "model")
     return Report(title or f"echo-warehouse report: {model_name}", sections, findings)
+
+
+def _duration(timings: dict[str, Any]) -> str:
+    """Total run time, over every session when the run was resumed."""
+    total = timings.get("total_s")
+    if total is None:
+        return "–"
+    n = timings.get("sessions", 1)
+    return f"{total:.1f} s" + (f" over {n} sessions (resumed)" if n > 1 else "")
 
 
 def _most_common_emergence_layer(counts: pl.DataFrame) -> int | None:

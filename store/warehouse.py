@@ -203,7 +203,9 @@ class WarehouseWriter:
                     f"cannot resume {root}: it was made with a different {diff}; "
                     "use a new --out directory or the original settings"
                 )
-            manifest = {**manifest, "timings": old.get("timings", {}), "created": old.get("created")}
+            # Carried over: a resume adds to the record of the run, it does not replace it.
+            manifest = {**manifest, "timings": old.get("timings", {}), "created": old.get("created"),
+                        "warnings": old.get("warnings", [])}
         elif root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
             raise WarehouseError(
                 f"{root} exists and is not an echo-warehouse (no {MANIFEST_NAME}); "

@@ -230,6 +230,11 @@ def test_resume_recomputes_only_missing_shards_bit_for_bit(tiny_qwen2_dir, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # the record of the run keeps both sessions: the resume adds its time, it does not replace
+    t = json.loads((cut / "manifest.json").read_text())["timings"]
+    assert t["sessions"] == 2 and len(t["runs"]) == 2
+    assert t["total_s"] == pytest.approx(sum(r["total_s"] for r in t["runs"]), abs=1e-3)
+    assert [r["extract_prompts"] for r in t["runs"]] == [8, 1] and t["extract_prompts"] == 9
 
 
 def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch):
