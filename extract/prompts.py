@@ -27,9 +27,13 @@ class Prompt:
     text: str  # the full text the model sees (chat template applied)
     input_ids: tuple[int, ...]
     token_text: tuple[str, ...]
-    roles: tuple[int, ...]  # store.schema.Role per position
+    roles: tuple[int, ...]  # store.schema.Role per position (FIRST and LAST win over WORD)
     # (form, first token id, number of tokens) for: word, " word", Word, " Word"
     candidates: tuple[tuple[str, int, int], ...]
+    # The word's token positions [word_start, word_end): kept apart from the roles because in a
+    # raw prompt the word is usually the last token, whose role is LAST.
+    word_start: int = -1
+    word_end: int = -1
 
     @property
     def n_tokens(self) -> int:
@@ -125,7 +129,11 @@ def build_prompts(
             content = template.replace("{word}", word)
             text = render(tok, content, chat=chat, system_prompt=system_prompt)
             # The word's character span: inside the last copy of the user content.
-            start = text.rfind(content) + template.index("{word}")
+            at = text.rfind(content)
+            if at < 0:
+                raise PromptError(f"the chat template changed the prompt text {content!r}; "
+                                  "pass --no-chat-template or another --chat-template")
+            start = at + template.index("{word}")
             span = (start, start + len(word))
             enc = tok(text, add_special_tokens=not chat, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
@@ -143,6 +151,7 @@ def build_prompts(
                     roles.append(Role.TEMPLATE)
             if Role.WORD not in roles:
                 raise PromptError(f"could not locate the word {word!r} in its tokens")
+            in_word = [i for i, r in enumerate(roles) if r == Role.WORD]
             roles[0] = Role.FIRST
             roles[-1] = Role.LAST
             out.append(Prompt(
@@ -155,6 +164,8 @@ def build_prompts(
                 token_text=tuple(tok.decode([i]) for i in ids),
                 roles=tuple(int(r) for r in roles),
                 candidates=target_candidates(tok, word),
+                word_start=in_word[0],
+                word_end=in_word[-1] + 1,
             ))
     return out
 

@@ -289,7 +289,8 @@ def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: boo
         s.attrs({
             "prompt_index": p.index, "word": p.word, "template_index": p.template_index,
             "template": p.template, "text": p.text, "fingerprint": fingerprint,
-            "n_tokens": p.n_tokens, "target_id": tid, "target_text": tok.decode([tid]),
+            "n_tokens": p.n_tokens, "word_start": p.word_start, "word_end": p.word_end,
+            "target_id": tid, "target_text": tok.decode([tid]),
             "target_form": form, "word_multi_token": multi, "top1_id": top1,
             "generation": text, "echo_first_token": top1 == tid, "echo_correct": is_echo(p.word, text),
             "echo_exact": is_exact_echo(p.word, text),

@@ -69,6 +69,8 @@ template_index INTEGER | template number in the manifest
 template VARCHAR | template text with {word}
 text VARCHAR | full prompt text as the model saw it
 n_tokens INTEGER | number of prompt tokens T
+word_start INTEGER | first token position of the word
+word_end INTEGER | one past the word's last token position (a raw prompt's word is the last token)
 target_id INTEGER | target token id (first token of the answer)
 target_text VARCHAR | target token text
 target_form VARCHAR | written form the target comes from (word, ' word', Word, ' Word')
@@ -86,8 +88,9 @@ prompt INTEGER | prompt index
 position INTEGER | token position (0 = first)
 token_id INTEGER | token id
 token_text VARCHAR | token decoded on its own
-role TINYINT | store.schema.Role: 0 first, 1 template, 2 word, 3 suffix, 4 last
-role_name VARCHAR | 'first', 'template', 'word', 'suffix', 'last'""")),
+role TINYINT | store.schema.Role: 0 first, 1 template, 2 word, 3 suffix, 4 last (first and last win)
+role_name VARCHAR | 'first', 'template', 'word', 'suffix', 'last'
+in_word BOOLEAN | the token is part of the word (also when its role is 'last' or 'first')""")),
     View("generations", "the greedy continuation, one row per generated token", _c("""
 prompt INTEGER | prompt index
 step INTEGER | 0 = first generated token
@@ -284,6 +287,14 @@ class Loader:
         v = self.vocab()
         return [v[i] if 0 <= i < len(v) else None for i in np.asarray(ids).tolist()]
 
+    def word_span(self, p: int) -> tuple[int, int]:
+        """The word's token positions [start, end): stored by the extraction, else its WORD roles."""
+        a = self.r.prompt_attrs(p)
+        if a.get("word_start") is not None and a.get("word_end") is not None:
+            return int(a["word_start"]), int(a["word_end"])
+        pos = np.flatnonzero(self.roles(p) == Role.WORD)
+        return (int(pos[0]), int(pos[-1]) + 1) if pos.size else (0, 0)
+
     def roles(self, p: int) -> np.ndarray:
         if p not in self._roles:
             self._roles[p] = self.r.read(F.POSITION_ROLE, p).astype(np.int8)
@@ -326,6 +337,8 @@ class Loader:
             f = self.r.shard(p)
             tid = a.get("target_id")
             rows["prompt"].append(p)
+            rows["word_start"].append(self.word_span(p)[0])
+            rows["word_end"].append(self.word_span(p)[1])
             for k in ("word", "template_index", "template", "text", "n_tokens", "target_id",
                       "target_text", "target_form", "word_multi_token", "top1_id", "generation",
                       "echo_first_token", "echo_correct", "echo_exact"):
@@ -352,6 +365,8 @@ class Loader:
             cols["token_text"] += [str(t) for t in text]
             cols["role"] += roles.tolist()
             cols["role_name"] += [ROLE_NAMES.get(int(r)) for r in roles]
+            ws, we = self.word_span(p)
+            cols["in_word"] += [ws <= i < we for i in range(n)]
         return _table(VIEW_BY_NAME["tokens"], self.d_model, cols)
 
     def _v_generations(self) -> pa.Table:

@@ -24,7 +24,7 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ablation shards carry a validation dataset (ablation_clean_is_model)
 WAREHOUSE_KIND = "echo-warehouse"
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.h5"
@@ -123,6 +123,8 @@ PROMPT_ATTRS: dict[str, str] = {
     "text": "the full prompt text as the model saw it",
     "fingerprint": "the run fingerprint (must match the manifest's)",
     "n_tokens": "number of prompt tokens T",
+    "word_start": "first token position of the word",
+    "word_end": "one past its last token position (the word may include the LAST position)",
     "target_id": "target token id: first token of the answer as the model writes it",
     "target_text": "target token text",
     "target_form": "which written form of the word the target comes from (word, ' word', Word, ' Word')",

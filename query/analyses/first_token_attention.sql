@@ -11,7 +11,7 @@
 -- column: head INTEGER | head index
 -- column: mass_first DOUBLE | attention weight on position 0
 -- column: mass_template DOUBLE | total weight on template tokens (role 1)
--- column: mass_word DOUBLE | total weight on the word's tokens (role 2)
+-- column: mass_word DOUBLE | total weight on the word's tokens (its span: includes the last position when the word ends the prompt, as in raw prompts)
 -- column: mass_suffix DOUBLE | total weight on tokens after the word (role 3)
 -- column: mass_last DOUBLE | weight on the last position itself (role 4)
 -- column: top_other_pos INTEGER | the position other than 0 with the largest weight
@@ -19,13 +19,14 @@
 -- column: top_other_token VARCHAR | its token text
 -- column: top_other_role VARCHAR | its role name
 WITH sel AS (
-    SELECT p.prompt, p.word, p.template_index,
+    SELECT p.prompt, p.word, p.template_index, p.word_start, p.word_end,
            coalesce(CAST($layer AS INTEGER), e.emergence_layer) AS layer
     FROM prompts p JOIN emergence e ON e.prompt = p.prompt
 ),
 att AS (
     -- the BETWEEN bounds let a given layer/head narrow what is read from disk
-    SELECT a.prompt, a.layer, a.head, a.key_pos, a.key_role, a.weight
+    SELECT a.prompt, a.layer, a.head, a.key_pos, a.key_role, a.weight,
+           a.key_pos >= s.word_start AND a.key_pos < s.word_end AS in_word
     FROM attention a
     JOIN sel s ON s.prompt = a.prompt AND s.layer = a.layer
     WHERE a.query_role = 4
@@ -36,7 +37,7 @@ agg AS (
     SELECT prompt, layer, head,
            coalesce(sum(weight) FILTER (WHERE key_pos = 0), 0)::DOUBLE AS mass_first,
            coalesce(sum(weight) FILTER (WHERE key_role = 1), 0)::DOUBLE AS mass_template,
-           coalesce(sum(weight) FILTER (WHERE key_role = 2), 0)::DOUBLE AS mass_word,
+           coalesce(sum(weight) FILTER (WHERE in_word), 0)::DOUBLE AS mass_word,
            coalesce(sum(weight) FILTER (WHERE key_role = 3), 0)::DOUBLE AS mass_suffix,
            coalesce(sum(weight) FILTER (WHERE key_role = 4), 0)::DOUBLE AS mass_last,
            arg_max(key_pos, weight) FILTER (WHERE key_pos > 0) AS top_other_pos,

@@ -289,3 +289,30 @@ def test_bfloat16_compute_tracks_float32(tiny_qwen2_dir, tmp_path):
                 _close(r16.read(f, i), r32.read(f, i), tol)
             for f in (A.TARGET_LOGIT, A.LOGIT_DIFF, A.KL):
                 _close(r16.read(f, i, subdir="ablation"), r32.read(f, i, subdir="ablation"), tol)
+
+
+def test_raw_prompt_keeps_the_word_when_it_is_the_last_token(tiny_qwen2_dir, tmp_path):
+    """--no-chat-template: "repeat the following word: cat" ends with the word. The last position
+    keeps its LAST role (analyses key on it) and the word's span is recorded beside the roles."""
+    from query import Warehouse
+
+    out = tmp_path / "w"
+    extract(ExtractConfig(out=out, model=str(tiny_qwen2_dir), words=("cat", "hippopotamus"), ablation=(),
+                          progress=False, chat_template=False,
+                          templates=("repeat the following word: {word}",)), log=lambda m: None)
+    with WarehouseReader(out) as r:
+        for i in r.prompt_indices():
+            a, roles, text = r.prompt_attrs(i), r.read(F.POSITION_ROLE, i), r.read(F.TOKEN_TEXT, i)
+            assert roles[-1] == Role.LAST and a["word_end"] == a["n_tokens"]
+            assert "".join(text[a["word_start"]:a["word_end"]]).strip() == a["word"]
+        pats = {i: r.read(F.ATTN_PATTERN, i)[1, :, -1] for i in r.prompt_indices()}  # layer 1, (H, T)
+        spans = {i: (r.prompt_attrs(i)["word_start"], r.prompt_attrs(i)["word_end"]) for i in r.prompt_indices()}
+    with Warehouse(out) as wh:
+        toks = wh.sql("SELECT prompt, position, in_word, role_name FROM tokens WHERE in_word ORDER BY 1, 2")
+        assert toks.filter(toks["prompt"] == 0)["role_name"].to_list() == ["last"]  # " cat": one token
+        assert toks.filter(toks["prompt"] == 1).height > 1  # hippopotamus: several, the last one 'last'
+        fta = wh.run_analysis("first_token_attention", layer=1)
+    for row in fta.iter_rows(named=True):
+        lo, hi = spans[row["prompt"]]
+        assert row["mass_word"] == pytest.approx(float(pats[row["prompt"]][row["head"], lo:hi].sum()), rel=1e-5)
+        assert row["mass_word"] > 0
