@@ -103,6 +103,9 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     templates: list[str] = m.get("templates", [])
     model = m.get("model", {})
     run = lambda name, **p: wh.run_analysis(name, **p)  # noqa: E731
+    if wh.sql("SELECT count(*) AS n FROM prompts")["n"][0] == 0:
+        raise ReportError(f"{wh.path} holds no finished prompt yet (was the extraction stopped early?); "
+                          f"run `echowh extract --out {wh.path} --resume` first")
     has_ablation = wh.sql("SELECT count(*) AS n FROM ablation")["n"][0] > 0
     findings: list[str] = []
     sections: list[Section] = []
@@ -165,6 +168,8 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     # -- logit lens ------------------------------------------------------------------------
     lens = run("lens_target")
     traj_charts = []
+    known = set(wh.sql("SELECT DISTINCT word FROM prompts")["word"].to_list())
+    missing = [w for w in words if w not in known]
     for w in words:
         for t in range(len(templates)):
             tr = run("lens_trajectory", word=w, template_index=t, k=3)
@@ -174,7 +179,7 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     sections.append(Section("Logit lens", "Target probability and rank under the logit lens (lens_target), and "
                             f"the top-3 tokens per layer for {', '.join(words)} (lens_trajectory; ␣ marks a space).",
                             charts=[charts.lens_heatmap(lens), charts.lens_rank_heatmap(lens), *traj_charts],
-                            note="" if traj_charts or not words else f"None of {', '.join(words)} is in this prompt set."))
+                            note=f"Not in this prompt set: {', '.join(missing)}." if missing else ""))
 
     # -- DLA -------------------------------------------------------------------------------
     grid = run("head_dla_grid")

@@ -228,7 +228,31 @@ def test_chart_specs_hold_the_analyses_rows(planted):
 def test_unknown_words_become_a_note(planted):
     rep = build(planted, words=("nosuchword",))
     lens = next(s for s in rep.sections if s.title == "Logit lens")
-    assert "nosuchword" in lens.note and len(lens.charts) == 2  # the two heatmaps, no trajectories
+    assert lens.note == "Not in this prompt set: nosuchword." and len(lens.charts) == 2  # heatmaps only
+    rep = build(planted, words=("cat", "zebra", "dog"))
+    lens = next(s for s in rep.sections if s.title == "Logit lens")
+    assert lens.note == "Not in this prompt set: zebra." and len(lens.charts) == 2 + 2 * 2
+
+
+def test_a_warehouse_without_prompts_is_a_clear_error(tmp_path):
+    from store import WarehouseWriter
+
+    import numpy as np
+
+    from store import M
+
+    root = tmp_path / "w"
+    w = WarehouseWriter.create(root, {"fingerprint": "x", "fingerprint_parts": {}, "config": {}}, resume=False)
+    r = CliRunner().invoke(main, ["report", "-w", str(root), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and r.output == f"Error: {root} has no model.h5; the extraction did not start\n"
+    with w.model_writer() as m:  # killed after the model file, before the first prompt
+        m.put(M.VOCAB_TEXT, ["a", "b"])
+        m.put(M.KV_GROUP, np.zeros(2))
+        m.attrs({"n_layers": 1, "n_heads": 2, "d_model": 4})
+    r = CliRunner().invoke(main, ["report", "-w", str(root), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output == (f"Error: {root} holds no finished prompt yet (was the extraction stopped early?); "
+                        f"run `echowh extract --out {root} --resume` first\n")
 
 
 def test_planted_without_ablation_has_notes_not_errors(planted_no_ablation, tmp_path):
