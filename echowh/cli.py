@@ -48,6 +48,10 @@ def main() -> None:
       echowh query -a emergence_layer             # run one
       echowh query "SELECT * FROM prompts LIMIT 5"
       echowh report -o out/report.html            # self-contained HTML report
+
+    \b
+    Environment: ECHOWH_WAREHOUSE (default -w), ECHOWH_CACHE (converted embedded
+    model), HF_HUB_OFFLINE=1 (never contact the Hugging Face hub).
     """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -68,7 +69,8 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--prepend-bos", is_flag=True, help="Put a BOS token at position 0 (<|endoftext|> for Qwen).")
 @click.option("--dtype", type=click.Choice(choices(Dtype)), default="float32", show_default=True,
               help="Dtype to load and run the model in.")
-@click.option("--device", type=click.Choice(choices(DeviceChoice)), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(choices(DeviceChoice)), default="auto", show_default=True,
+              help="Where the model runs: auto picks cuda when torch sees a GPU, else cpu.")
 @click.option("--store-dtype", type=click.Choice(choices(StoreDtype)), default="float32", show_default=True,
               help="Dtype activations are stored in (float16 keeps float32 where values overflow).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 256), default=5, show_default=True,
@@ -82,9 +84,10 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
               help="Ablation modes after extraction: zero, mean, zero,mean or none.")
 @click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",
-              show_default=True, help="Remove a head's output at every position or only the last.")
+              show_default=True, help="Remove a unit's output (a head, or a whole attention or MLP block) at every "
+                   "position, or only at the last one (reuses the clean keys and values: faster).")
 @click.option("--ablate-layers", callback=_layers, default=None,
-              help="Layers to ablate: all (default), 20,21,22 or 18-25.")
+              help="Blocks to ablate, 0-based: all (default), 20,21,22, or 18-25 (both ends included).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def extract(model, out, resume, words, templates, no_chat_template, chat_template_file, system_prompt,
             prepend_bos, dtype, device, store_dtype, max_new_tokens, top_k, head_out_all_positions,
@@ -94,8 +97,14 @@ def extract(model, out, resume, words, templates, no_chat_template, chat_templat
     Writes a warehouse directory of immutable HDF5 shards (one per prompt) plus
     manifest.json: residual streams, attention/MLP/per-head outputs, attention patterns,
     logit lens, direct logit attribution, the greedy continuation, the ablation grid and a
-    validation table. Every run checks the invariants of DESIGN.md and exits non-zero if one
-    fails.
+    validation table. Every run checks the invariants listed in the README (model logits from
+    the residual, heads sum to the attention output, the residual chain, DLA sums to the logit,
+    the lens's last layer, the ablation engine against the model) and exits non-zero if one
+    fails. Resume a killed run with --resume: finished prompts are not recomputed.
+
+    \b
+    Environment: ECHOWH_CACHE (where the embedded model is converted, default
+    ~/.cache/echo-warehouse), HF_HUB_OFFLINE=1 (never contact the Hugging Face hub).
     """
     from extract.models import ModelError
     from extract.prompts import PromptError, read_words
@@ -112,6 +121,7 @@ def extract(model, out, resume, words, templates, no_chat_template, chat_templat
             store_dtype=store_dtype, head_out_all_positions=head_out_all_positions,
             batch_size=batch_size, resume=resume, ablation=ablation,
             ablate_positions=ablate_positions, ablate_layers=ablate_layers, progress=not quiet,
+            extra={"command": " ".join(["echowh", *sys.argv[1:]])},
         )
         summary = run_extract(cfg, log=lambda m: click.echo(m, err=True))
     except (ModelError, PromptError, WarehouseError) as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import click
@@ -50,7 +49,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.argument("sql", required=False)
 @click.option("-a", "--analysis", metavar="NAME", help="Run a named analysis (see `echowh analyses`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Analysis parameter (repeatable); NULL for the default-off value.")
+              help="Analysis parameter (repeatable), e.g. -p layer=22; -p layer=NULL clears a default.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Output format; parquet needs -o.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
@@ -67,8 +66,10 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
       echowh query -a head_dla -p layer=22 --format csv -o dla.csv
     The views are listed in the README (or `echowh query "SHOW TABLES"`).
     """
-    if (sql is None) == (analysis is None):
-        raise click.UsageError("give either SQL or -a NAME (not both)")
+    if sql is None and analysis is None:
+        raise click.UsageError("give SQL or -a NAME (`echowh analyses` lists the names)")
+    if sql is not None and analysis is not None:
+        raise click.UsageError("give SQL or -a NAME, not both")
     if params and analysis is None:
         raise click.UsageError("-p only applies to -a NAME")
     if fmt == "parquet" and output is None:
@@ -85,6 +86,9 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
                 df = wh.sql(sql or "")
     except QueryError as e:
         raise click.ClickException(str(e)) from None
+    if df.height == 0 and analysis is not None:
+        click.echo("note: no rows; the warehouse may not hold what the parameters ask for (its ablation "
+                   "modes and layers are in the manifest's config)", err=True)
     if output is None:
         click.echo(_render(df, fmt, max_rows), nl=False)
         return
@@ -114,6 +118,3 @@ def analyses() -> None:
     buf.write('Run one with: echowh query -a NAME [-p key=value ...]\n')
     click.echo(buf.getvalue(), nl=False)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    query(sys.argv[1:])

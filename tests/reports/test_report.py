@@ -235,11 +235,9 @@ def test_unknown_words_become_a_note(planted):
 
 
 def test_a_warehouse_without_prompts_is_a_clear_error(tmp_path):
-    from store import WarehouseWriter
-
     import numpy as np
 
-    from store import M
+    from store import M, WarehouseWriter
 
     root = tmp_path / "w"
     w = WarehouseWriter.create(root, {"fingerprint": "x", "fingerprint_parts": {}, "config": {}}, resume=False)
