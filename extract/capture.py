@@ -260,13 +260,18 @@ def derive(
 def greedy_continue(
     adapter: Adapter, cap: Captured, max_new_tokens: int, eos_ids: set[int]
 ) -> list[list[int]]:
-    """Greedy tokens after each prompt, reusing the clean run's KV cache (no second prefill)."""
+    """Greedy tokens after each prompt, reusing the clean run's KV cache (no second prefill).
+
+    A model that returns no cache is continued with full forwards over the growing sequence:
+    slower, same tokens.
+    """
     model = adapter.model
     B = cap.logits.shape[0]
     seqs: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     nxt = cap.logits.argmax(-1)  # (B,)
     cache = cap.cache
+    ids = cap.input_ids  # (B, T + step): only needed without a cache
     T = cap.input_ids.shape[1]
     for step in range(max_new_tokens):
         for b in range(B):
@@ -276,10 +281,14 @@ def greedy_continue(
                     done[b] = True
                 else:
                     seqs[b].append(tid)
-        if all(done) or step == max_new_tokens - 1 or cache is None:
+        if all(done) or step == max_new_tokens - 1:
             break
-        pos = torch.full((B, 1), T + step, device=nxt.device, dtype=torch.long)
-        o = model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, **{adapter.cache_kwarg: cache})
-        cache = getattr(o, "cache", None) or getattr(o, "past_key_values", None)
+        if cache is None:
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            o = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        else:
+            pos = torch.full((B, 1), T + step, device=nxt.device, dtype=torch.long)
+            o = model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, **{adapter.cache_kwarg: cache})
+            cache = getattr(o, "cache", None) or getattr(o, "past_key_values", None)
         nxt = o.logits[:, -1].argmax(-1)
     return seqs

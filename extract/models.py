@@ -125,8 +125,6 @@ def check_supported(cfg: Any) -> None:
         raise ModelError("sliding-window attention is not supported (prompts are short: disable it)")
     if cfg.num_attention_heads % (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads):
         raise ModelError("query heads must be a multiple of KV heads")
-    if getattr(cfg, "hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh"):
-        raise ModelError(f"activation {cfg.hidden_act!r} is not supported")
 
 
 # -- resolving and loading -------------------------------------------------------------------
@@ -160,6 +158,8 @@ def convert_embedded(alias: str, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = embedded_gguf(alias)
+    if progress:
+        print(f"converting the embedded {alias} ({gguf.name}) once into {target}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}."))
     try:

@@ -231,13 +231,7 @@ class WarehouseWriter:
 
     def done(self, subdir: str = PROMPTS_DIR) -> set[int]:
         """Indices of prompts whose shard in ``subdir`` is complete."""
-        out = set()
-        for p in (self.root / subdir).glob("p*.h5"):
-            try:
-                out.add(int(p.stem[1:]))
-            except ValueError:
-                continue
-        return out
+        return set(shard_indices(self.root / subdir))
 
     def has_model_file(self) -> bool:
         return (self.root / MODEL_FILE).exists()
@@ -259,6 +253,17 @@ class _Collecting(ShardWriter):
     def commit(self) -> None:
         super().commit()
         self._sink.extend(self.warnings)
+
+
+def shard_indices(folder: Path) -> list[int]:
+    """Prompt indices of the complete shards in a folder (``pNNNNN.h5``; ``*.partial`` never)."""
+    out = []
+    for p in folder.glob("p*.h5"):
+        try:
+            out.append(int(p.stem[1:]))
+        except ValueError:
+            continue
+    return sorted(out)
 
 
 def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -321,13 +326,7 @@ class WarehouseReader:
     # -- contents ------------------------------------------------------------------------
     def prompt_indices(self, subdir: str = PROMPTS_DIR) -> list[int]:
         """Indices of complete shards, sorted."""
-        out = []
-        for p in (self.root / subdir).glob("p*.h5"):
-            try:
-                out.append(int(p.stem[1:]))
-            except ValueError:
-                continue
-        return sorted(out)
+        return shard_indices(self.root / subdir)
 
     def ablation_indices(self) -> list[int]:
         return self.prompt_indices(ABLATION_DIR)

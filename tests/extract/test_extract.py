@@ -332,3 +332,24 @@ def test_chat_template_file_is_used_as_given(tiny_qwen2_dir, tmp_path):
         from extract.prompts import sha
 
         assert r.manifest["tokenizer"]["chat_template_sha"] == sha(tpl.read_text())
+
+
+def test_greedy_continuation_without_a_cache_gives_the_same_tokens(tiny_run):
+    """Models that hand back no KV cache are continued with full forwards: same tokens."""
+    import dataclasses
+
+    from extract.capture import capture, greedy_continue
+    from extract.models import Adapter, load_model
+
+    model_dir, out, _ = tiny_run
+    model, _, _ = load_model(str(model_dir), progress=False)
+    ad = Adapter(model)
+    with WarehouseReader(out) as r:
+        ids = torch.tensor(np.stack([r.read(F.INPUT_IDS, i) for i in (0, 1)]))
+        stored = [r.read(F.GENERATED_IDS, i).tolist() for i in (0, 1)]
+    cap = capture(ad, ids)
+    assert greedy_continue(ad, dataclasses.replace(cap, cache=None), 5, set()) == \
+        greedy_continue(ad, cap, 5, set())
+    gen = model.generation_config.eos_token_id
+    eos = {gen} if isinstance(gen, int) else set(gen or [])
+    assert greedy_continue(ad, dataclasses.replace(capture(ad, ids), cache=None), 5, eos) == stored
