@@ -198,6 +198,15 @@ layer INTEGER | block index
 head INTEGER | query head
 vec FLOAT[D] | the head's output (its o_proj input slice times its W_O slice)"""), heavy=True,
         pushable=frozenset({"prompt", "layer", "head"})),
+    View("head_out_all", "per-head outputs at every position; empty unless extracted with "
+         "--head-out-all-positions", _c("""
+prompt INTEGER | prompt index
+layer INTEGER | block index
+position INTEGER | token position
+role TINYINT | role of the position
+head INTEGER | query head
+vec FLOAT[D] | the head's output at that position"""), heavy=True,
+        pushable=frozenset({"prompt", "layer", "position", "role", "head"})),
     View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos)", _c("""
 prompt INTEGER | prompt index
 layer INTEGER | block index
@@ -583,6 +592,25 @@ class Loader:
                          "head": np.tile(heads, layers.size), "vec": data.reshape(n, -1)}.items():
                 parts.setdefault(k, []).append(v)
         return self._finish("head_out", parts)
+
+    def _h_head_out_all(self, want: list[dict[str, list[Pred]]]) -> pa.Table:
+        layers = np.flatnonzero(self._mask(want, {"layer": np.arange(self.n_layers)}))
+        heads = np.flatnonzero(self._mask(want, {"head": np.arange(self.n_heads)}))
+        parts: dict[str, list[np.ndarray]] = {}
+        for p in self._prompt_sel(want):
+            if layers.size == 0 or heads.size == 0 or not self.r.has(F.HEAD_OUT_ALL, p):
+                continue
+            pos = self._positions(want, p, "position", "role")
+            if pos.size == 0:
+                continue
+            data = self._read_axes(self.r.shard(p)[F.HEAD_OUT_ALL.name], layers, pos, heads)  # (l, t, h, D)
+            nl, nt, nh = layers.size, pos.size, heads.size
+            n = nl * nt * nh
+            li, ti, hi = (a.reshape(-1) for a in np.indices((nl, nt, nh)))
+            for k, v in {"prompt": np.full(n, p), "layer": layers[li], "position": pos[ti],
+                         "role": self.roles(p)[pos][ti], "head": heads[hi], "vec": data.reshape(n, -1)}.items():
+                parts.setdefault(k, []).append(v)
+        return self._finish("head_out_all", parts)
 
     def _h_attention(self, want: list[dict[str, list[Pred]]]) -> pa.Table:
         layers = np.flatnonzero(self._mask(want, {"layer": np.arange(self.n_layers)}))

@@ -353,3 +353,26 @@ def test_greedy_continuation_without_a_cache_gives_the_same_tokens(tiny_run):
     gen = model.generation_config.eos_token_id
     eos = {gen} if isinstance(gen, int) else set(gen or [])
     assert greedy_continue(ad, dataclasses.replace(capture(ad, ids), cache=None), 5, eos) == stored
+
+
+def test_head_out_all_view(tiny_run):
+    """--head-out-all-positions is queryable: the view equals the stored array, its last position
+    equals head_out, and a one-layer one-head query reads just that."""
+    from query import Warehouse
+
+    _, out, _ = tiny_run
+    with WarehouseReader(out) as r:
+        full = r.read(F.HEAD_OUT_ALL, 1)  # (L, T, H, D)
+        last = r.read(F.HEAD_OUT, 1)  # (L, H, D)
+    L, T, H, D = full.shape
+    with Warehouse(out) as wh:
+        df = wh.sql("SELECT layer, position, head, vec FROM head_out_all WHERE prompt = 1 AND layer = 1 "
+                    "AND head = 3 ORDER BY position")
+        assert wh.bytes_read == T * D * 4  # one layer, one head, every position of one prompt
+        np.testing.assert_array_equal(np.stack(df["vec"].to_numpy()), full[1, :, 3])
+        n = wh.sql("SELECT count(*) AS n FROM head_out_all WHERE prompt = 1")["n"][0]
+        both = wh.sql("SELECT a.vec AS a, b.vec AS b FROM head_out_all a JOIN head_out b "
+                      "USING (prompt, layer, head) WHERE a.prompt = 1 AND a.role = 4 ORDER BY layer, head")
+    assert n == L * T * H and both.height == L * H
+    np.testing.assert_array_equal(np.stack(both["a"].to_numpy()), np.stack(both["b"].to_numpy()))
+    np.testing.assert_array_equal(full[:, -1], last)
