@@ -20,11 +20,21 @@ def real(tiny_qwen2_dir, tmp_path_factory):
     return out
 
 
-def test_every_analysis_runs_on_a_real_warehouse(real):
+def test_every_analysis_gives_rows_on_a_real_warehouse(real):
+    """With a layer every prompt has (block 1), every analysis returns its declared columns and
+    rows; ablation_flips is empty exactly when no stored ablation changed a top-1 token."""
+    with WarehouseReader(real) as r:
+        flips = sum(int((r.read(A.TOP1_ID, i, subdir="ablation") != r.prompt_attrs(i)["top1_id"]).sum())
+                    for i in r.ablation_indices())
     with Warehouse(real) as wh:
         for a in list_analyses():
-            df = wh.run_analysis(a.name)
-            assert df.columns, a.name
+            params = {p.name: 1 for p in a.params if p.name == "layer" and a.name != "ablation_flips"}
+            df = wh.run_analysis(a.name, **params)
+            assert df.columns == [c[0] for c in a.columns], a.name
+            if a.name == "ablation_flips":
+                assert df.height == flips
+            else:
+                assert df.height > 0, a.name
 
 
 def test_every_invariant_is_in_the_validation_view(real):
