@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from extract.capture import invariant_errors
 from extract.models import Adapter
 from extract.prompts import Prompt
 from store.schema import ABLATION_DIR, A, Mode, Role
@@ -658,8 +659,7 @@ def run_ablation(
         st = acc.setdefault(p.index, {})
         if reference is not None and A.VALIDATION not in st:
             model = torch.from_numpy(np.asarray(reference(p.index), np.float32)).to(clean.device)  # (V,)
-            err = float((clean.float() - model).abs().max())
-            rel = err / max(1.0, float(model.abs().max()))
+            ((err, rel),) = invariant_errors(clean.float()[None], model[None])
             st[A.VALIDATION] = validation_array(
                 [("ablation_clean_is_model", err, rel, tolerance, rel <= tolerance)])
         for f, v in stats.items():
@@ -667,6 +667,8 @@ def run_ablation(
             arr[:, li] = v.cpu().numpy().reshape(M, U, *v.shape[1:])
 
     def finish(p: Prompt) -> None:
+        if p.index not in todo:
+            return  # its shard exists: never rewritten
         st = acc.pop(p.index)
         with writer.shard_writer(p.index, ABLATION_DIR) as s:
             for f, v in st.items():
@@ -676,17 +678,15 @@ def run_ablation(
 
     # Groups come from every prompt (see grid_groups): a group with a pending prompt is rerun
     # whole, as first composed, and only its missing shards are written.
-    groups = [g for g in grid_groups(prompts) if any(p.index in todo for p in g)]
-    bar = tqdm(total=sum(len(g) for g in groups) * Lp, unit="prompt-layer", desc="ablation grid",
-               disable=not progress, file=sys.stderr)
+    def finished(group: list[Prompt]) -> bool:
+        return all(p.index not in todo for p in group)
 
-    def finish_pending(p: Prompt) -> None:
-        if p.index in todo:
-            finish(p)
-
+    rerun = sum(len(g) for g in grid_groups(prompts) if not finished(g))
+    bar = tqdm(total=rerun * Lp, unit="prompt-layer", desc="ablation grid", disable=not progress,
+               file=sys.stderr)
     try:
-        iter_grid(adapter, prompts, spec, means, sink=sink, done=finish_pending, tick=bar.update,
-                  all_prompts=prompts, skip=lambda g: not any(p.index in todo for p in g))
+        iter_grid(adapter, prompts, spec, means, sink=sink, done=finish, tick=bar.update,
+                  all_prompts=prompts, skip=finished)
     finally:
         bar.close()
     return {"prompts": len(pending), "means_s": round(t1 - t0, 3),

@@ -138,6 +138,11 @@ def _errors(diff: torch.Tensor, ref_max: torch.Tensor) -> list[tuple[float, floa
     return [(float(x), float(x / s)) for x, s in zip(d, scale, strict=True)]
 
 
+def invariant_errors(a: torch.Tensor, ref: torch.Tensor) -> list[tuple[float, float]]:
+    """(max_abs_err, rel_err) per prompt (axis 0) of an invariant ``a == ref``: the stored error."""
+    return _errors(*_batch_err(a, ref))
+
+
 @dataclass
 class Derived:
     """Per-prompt numpy arrays ready for the shard (see store.schema.F)."""
@@ -221,11 +226,11 @@ def derive(
                           cap.resid[:, layer + 1])
         chain_abs, chain_ref = torch.maximum(chain_abs, d), torch.maximum(chain_ref, r)
     errors_by_name = {
-        "logits_from_resid": _errors(*_batch_err(manual, cap.logits)),
+        "logits_from_resid": invariant_errors(manual, cap.logits),
         "heads_sum_to_attn": _errors(inv2_abs, inv2_scale),
         "resid_chain": _errors(chain_abs, chain_ref),
-        "dla_sums_to_logit": _errors(*_batch_err(dla_total, model_target)),
-        "lens_last_is_logits": _errors(*_batch_err(lens_logits[:, L], cap.logits)),
+        "dla_sums_to_logit": invariant_errors(dla_total, model_target),
+        "lens_last_is_logits": invariant_errors(lens_logits[:, L], cap.logits),
     }
 
     out: list[Derived] = []

@@ -192,20 +192,16 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, dict[str, Any]
             raise ModelError(f"{p} has no config.json; pass a Hugging Face model folder")
         return str(p.resolve()), {"model": name, "source": f"folder:{p.resolve()}", "revision": _folder_revision(p)}
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return name, {"model": name, "source": "hub", "revision": None, "cached": _hub_cached(name)}
+        # revision: the cached snapshot's commit, None when the model is not in the cache
+        return name, {"model": name, "source": "hub", "revision": _hub_revision(name)}
     raise ModelError(
         f"unknown model {name!r}: pass a hub id (org/name), a local model folder, "
         f"or {', '.join(EMBEDDED_ALIASES)}"
     )
 
 
-def _hub_cached(repo_id: str) -> bool:
-    """Is the model in the local Hugging Face cache ($HF_HUB_CACHE)? Then no network is needed."""
-    return _hub_revision(repo_id) is not None
-
-
 def _hub_revision(repo_id: str) -> str | None:
-    """The commit of the cached snapshot (.../snapshots/<commit>/config.json), if cached."""
+    """The commit of the snapshot in the local HF cache ($HF_HUB_CACHE), None if not cached."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo_id, "config.json")
@@ -244,7 +240,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", progress
         hf_logging.disable_progress_bar()
     path, ident = resolve_model(name, progress)
     # A hub id already in the local cache loads from there with no network call at all.
-    local_only = bool(ident.pop("cached", False))
+    local_only = ident["source"] == "hub" and ident["revision"] is not None
     if ident["source"] == "hub" and not local_only:
         if _hub_offline():
             raise ModelError(
@@ -271,7 +267,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", progress
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load {name!r}: {str(e).splitlines()[0]}") from e
     model.to(dev).eval()
-    if ident.get("revision") is None:  # a hub id: the snapshot it was loaded from
+    if ident.get("revision") is None:  # a hub id just downloaded: the snapshot it came from
         ident["revision"] = getattr(model.config, "_commit_hash", None) or _hub_revision(name)
     ident["dtype"] = dtype
     ident["device"] = str(dev)

@@ -235,9 +235,9 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     if cfg.ablation:
         from extract.ablation import run_ablation
 
-        targets = _stored_targets(cfg.out)
         t2 = time.perf_counter()
         with WarehouseReader(cfg.out) as stored:
+            targets = {i: int(a["target_id"]) for i, a in stored.iter_prompts()}
             abl = run_ablation(
                 adapter, prompts, targets, w, modes=tuple(cfg.ablation), positions=cfg.ablate_positions,
                 layers=cfg.ablate_layers, top_k=cfg.top_k, fingerprint=manifest["fingerprint"],
@@ -291,11 +291,6 @@ def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: boo
         })
 
 
-def _stored_targets(root) -> dict[int, int]:
-    with WarehouseReader(root) as r:
-        return {i: int(a["target_id"]) for i, a in r.iter_prompts()}
-
-
 def summarise_validation(root) -> dict[str, dict[str, Any]]:
     """Max error of each invariant over every stored shard (prompts and ablation), and which
     prompts failed; only the invariants this run checked appear, in INVARIANTS order."""
@@ -303,9 +298,10 @@ def summarise_validation(root) -> dict[str, dict[str, Any]]:
     with WarehouseReader(root) as r:
         for subdir, indices in ((PROMPTS_DIR, r.prompt_indices()), (ABLATION_DIR, r.ablation_indices())):
             for i in indices:
-                if subdir == ABLATION_DIR and not r.has(A.VALIDATION, i, subdir):
-                    continue
-                for row in r.read(F.VALIDATION, i, subdir=subdir):
+                fld = F.VALIDATION if subdir == PROMPTS_DIR else A.VALIDATION
+                if not r.has(fld, i, subdir):
+                    continue  # an ablation shard of a run without the engine check
+                for row in r.read(fld, i, subdir=subdir):
                     name = row["invariant"].decode()
                     o = seen.setdefault(name, {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None,
                                                "failed_prompts": [], "passed": True,

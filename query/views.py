@@ -296,9 +296,9 @@ class Loader:
         v = self.vocab()
         return [v[i] if 0 <= i < len(v) else None for i in np.asarray(ids).tolist()]
 
-    def word_span(self, p: int) -> tuple[int, int]:
+    def word_span(self, p: int, attrs: Mapping[str, Any] | None = None) -> tuple[int, int]:
         """The word's token positions [start, end): stored by the extraction, else its WORD roles."""
-        a = self.r.prompt_attrs(p)
+        a = self.r.prompt_attrs(p) if attrs is None else attrs
         if a.get("word_start") is not None and a.get("word_end") is not None:
             return int(a["word_start"]), int(a["word_end"])
         pos = np.flatnonzero(self.roles(p) == Role.WORD)
@@ -346,8 +346,9 @@ class Loader:
             f = self.r.shard(p)
             tid = a.get("target_id")
             rows["prompt"].append(p)
-            rows["word_start"].append(self.word_span(p)[0])
-            rows["word_end"].append(self.word_span(p)[1])
+            ws, we = self.word_span(p, a)
+            rows["word_start"].append(ws)
+            rows["word_end"].append(we)
             for k in ("word", "template_index", "template", "text", "n_tokens", "target_id",
                       "target_text", "target_form", "word_multi_token", "top1_id", "generation",
                       "echo_first_token", "echo_correct", "echo_exact"):
