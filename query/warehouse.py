@@ -1,66 +1,149 @@
-"""``Warehouse``: a read-only DuckDB connection over a warehouse's documented views."""
+"""``Warehouse``: a read-only DuckDB connection over a warehouse's documented views.
+
+Every view is registered on the connection once, as a source DuckDB itself scans; nothing
+here reads SQL text to decide what to load:
+
+* a heavy view is a Polars IO-plugin LazyFrame (``polars.io.plugins.register_io_source``).
+  DuckDB's optimizer pushes each scan's filters (as a Polars predicate) and projection (as
+  column names) into it, after resolving aliases, renamed columns, CTEs, views and
+  ``query_table``; ``query.heavy`` reads just the HDF5 slices those can select and returns
+  exactly the selected rows;
+* a light view (and, with ``pushdown=False``, every heavy view too) is an Arrow stream read
+  whole on its first scan and kept; DuckDB filters it itself.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
 import pyarrow as pa
+from polars.io.plugins import register_io_source
 
 from query.analyses import get_analysis
 from query.errors import QueryError
-from query.pushdown import Pred, parse
-from query.views import VIEW_BY_NAME, VIEWS, Loader, View
+from query.heavy import HeavyReader
+from query.light import LIGHT
+from query.shards import Shards, shard_error
+from query.views import VIEW_BY_NAME, VIEWS, View, arrow_schema
 from store import WarehouseError, WarehouseReader
 
 # Statements that only read. Anything else (CREATE, INSERT, COPY, ATTACH, SET, INSTALL ...)
 # is refused before DuckDB sees it.
-_READ_TYPES = {"SELECT", "EXPLAIN"}
 _READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "show", "version",
                  "database_list", "functions"}
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s*(?:\([^()]*\)|ANALY[SZ]E\b)?\s*", re.IGNORECASE)
+_READ_ERRORS = (WarehouseError, OSError, KeyError, ValueError, TypeError, IndexError)
+
+
+def default_memory_limit() -> str:
+    """Half the machine's physical memory (DuckDB's own default is 80%)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "4GB"
+    return f"{max(total // 2 // 2**20, 256)}MB"
+
+
+class _WholeTable:
+    """An Arrow stream DuckDB scans itself: built on the first scan, then kept.
+
+    DuckDB asks for the schema when a statement binds the name (no data read) and for the
+    stream when it scans it, so a view no statement names is never read.
+    """
+
+    def __init__(self, schema: pa.Schema, build: Callable[[], pa.Table]) -> None:
+        self.schema = schema
+        self.build = build
+        self.table: pa.Table | None = None
+
+    def __arrow_c_schema__(self) -> object:
+        return self.schema.__arrow_c_schema__()
+
+    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
+        if self.table is None:
+            self.table = self.build().cast(self.schema)
+        return self.table.__arrow_c_stream__(requested_schema)
 
 
 class Warehouse:
     """Opens a warehouse read-only; ``sql`` and ``run_analysis`` return Polars frames.
 
-    Views are loaded on first use. Heavy views are loaded per statement for just the
-    prompts/layers/heads/positions its predicates allow, and dropped from the catalog
-    between statements, so a reference we failed to see is an error, never a partial answer.
+    ``pushdown=False`` reads every heavy view whole on its first use and lets DuckDB filter
+    it (the reference the narrowed reads are tested against; memory grows with the warehouse).
+    ``memory_limit`` (DuckDB size, e.g. ``"2GB"``) caps DuckDB's own memory; larger
+    intermediates spill to a fresh temporary directory outside the warehouse and the current
+    directory, removed on ``close``. ``timeout`` (seconds) interrupts a statement that runs
+    longer, with a QueryError.
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None, *, pushdown: bool = True,
+                 memory_limit: str | None = None, timeout: float | None = None) -> None:
+        self.path = Path(path)
+        self.pushdown = pushdown
+        self.timeout = timeout
+        if timeout is not None and not timeout > 0:
+            raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
         try:
-            self.reader = WarehouseReader(Path(path))
-            self.loader = Loader(self.reader)
+            self.reader = WarehouseReader(self.path)
+            self.shards = Shards(self.reader)
+        except QueryError:
+            raise
         except WarehouseError as e:
             raise QueryError(str(e)) from None
         except (OSError, KeyError) as e:
             raise QueryError(f"{path}: unreadable warehouse ({e})") from None
-        self.path = Path(path)
-        # The connection reaches nothing but the views we register: no files, no network,
-        # no extensions, and the settings cannot be changed back by a user's statement.
-        self.con = duckdb.connect(":memory:", config={
-            "enable_external_access": False,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-        })
+        self.spill_dir = self._spill_dir()
+        self._failure: QueryError | None = None
+        try:
+            # The connection reaches nothing but the views we register: no files, no network,
+            # no extensions, and the settings cannot be changed back by a user's statement.
+            self.con = duckdb.connect(":memory:", config={
+                "enable_external_access": False,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "memory_limit": memory_limit or default_memory_limit(),
+                "temp_directory": str(self.spill_dir),
+            })
+        except duckdb.Error as e:
+            self._cleanup()
+            raise QueryError(f"cannot open DuckDB ({_first_line(str(e))}); check --memory-limit "
+                             f"{memory_limit!r} (e.g. 2GB, 500MB)") from None
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
+        for v in VIEWS:
+            if not v.sql:
+                self.con.register(v.name, self._source(v))
+        for v in VIEWS:
+            if v.sql:
+                self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
         self.con.execute("SET lock_configuration = true")
-        self._light: set[str] = set()
-        self._heavy: dict[str, tuple[tuple, pa.Table]] = {}  # name -> (key, table)
-        self._registered_heavy: set[str] = set()
-        self._columns = {v.name: v.names for v in VIEWS}
-        self._pushable = {v.name: set(v.pushable) for v in VIEWS if v.heavy}
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _spill_dir(self) -> Path:
+        d = Path(tempfile.mkdtemp(prefix="echowh-spill-")).resolve()
+        for forbidden, what in ((self.path.resolve(), "the warehouse"), (Path.cwd().resolve(), "the current directory")):
+            if d == forbidden or (what == "the warehouse" and forbidden in d.parents):
+                shutil.rmtree(d, ignore_errors=True)
+                raise QueryError(f"the temporary directory {d} is inside {what}; set TMPDIR elsewhere")
+        return d
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self.reader.close()
+
     def close(self) -> None:
         self.con.close()
-        self.reader.close()
+        self._cleanup()
 
     def __enter__(self) -> Warehouse:
         return self
@@ -71,33 +154,70 @@ class Warehouse:
     @property
     def bytes_read(self) -> int:
         """Bytes of heavy-view data read from HDF5 so far (as stored on disk)."""
-        return self.loader.bytes_read
+        return self.shards.bytes_read
 
     @staticmethod
     def views() -> tuple[View, ...]:
         return VIEWS
 
+    # -- sources ---------------------------------------------------------------------------
+    def _guarded(self, fn: Callable[[], Any], view: str) -> Any:
+        """Run a read for ``view``; a broken shard is remembered (DuckDB wraps what we raise)."""
+        try:
+            return fn()
+        except QueryError as e:
+            self._failure = e
+            raise
+        except _READ_ERRORS as e:
+            self._failure = shard_error(e, f"{self.path} (view {view})")
+            raise self._failure from None
+
+    def _source(self, view: View) -> Any:
+        if view.heavy is None:
+            return _WholeTable(arrow_schema(view, self.shards.d_model),
+                               lambda: self._guarded(lambda: LIGHT[view.name](self.shards), view.name))
+        reader = HeavyReader(self.shards, view)
+        if not self.pushdown:
+            return _WholeTable(arrow_schema(view, self.shards.d_model),
+                               lambda: self._guarded(reader.whole, view.name))
+
+        def scan(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                 batch_size: int | None) -> Iterator[pl.DataFrame]:
+            batches = reader.batches(with_columns, predicate, n_rows)
+            while True:
+                batch = self._guarded(lambda: next(batches, None), view.name)
+                if batch is None:
+                    return
+                yield batch
+
+        return register_io_source(scan, schema=reader.schema)
+
     # -- queries ---------------------------------------------------------------------------
     def sql(self, sql: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
         """Run one read-only statement; QueryError with DuckDB's message on a mistake."""
-        stmt = self._one_statement(sql)
-        self._check_read_only(stmt)
-        parsed = parse(self.con, sql, self._columns, self._pushable, params)
-        needed = {r.name for r in parsed.refs if r.name in VIEW_BY_NAME}
-        if not parsed.ok and str(stmt.type.name) == "PRAGMA" or (parsed.ok and not parsed.refs):
-            needed |= {v.name for v in VIEWS if not v.heavy}  # SHOW TABLES and friends
+        self._check_read_only(self._one_statement(sql))
+        self._failure = None
+        timer = None
+        if self.timeout is not None:
+            timer = threading.Timer(self.timeout, self.con.interrupt)
+            timer.daemon = True
+            timer.start()
         try:
-            for name in sorted(needed):
-                self._ensure(name, [r for r in parsed.refs if r.name == name])
-            for name in self._registered_heavy - needed:
-                self.con.unregister(name)
-            self._registered_heavy &= needed
             rel = self.con.sql(sql, params=params or None)
-            if rel is None:
-                return pl.DataFrame()
-            return rel.pl()
-        except duckdb.Error as e:
+            return pl.DataFrame() if rel is None else rel.pl()
+        except duckdb.InterruptException:
+            raise QueryError(f"interrupted: the statement ran longer than the timeout ({self.timeout:g} s)") from None
+        except Exception as e:
+            if self._failure is not None:
+                raise self._failure from None
+            if isinstance(e, QueryError):
+                raise
+            if not isinstance(e, duckdb.Error):
+                raise
             raise QueryError(f"{_tidy(str(e))}\n{self._views_hint()}") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def run_analysis(self, name: str, **params: Any) -> pl.DataFrame:
         """Run a named analysis (see ``list_analyses``) with parameters over its defaults."""
@@ -122,10 +242,15 @@ class Warehouse:
         kind = str(stmt.type.name)
         text = str(stmt.query).strip()
         if kind == "EXPLAIN":
-            inner = re.sub(r"^\s*EXPLAIN\s+(ANALYZE\s+)?", "", text, flags=re.IGNORECASE)
-            inner_stmts = self.con.extract_statements(inner) if inner else []
+            # EXPLAIN [ANALYZE | (options)] <statement>: the statement it explains must read.
+            inner = _EXPLAIN.sub("", text, count=1)
+            try:
+                inner_stmts = self.con.extract_statements(inner) if inner else []
+            except duckdb.Error as e:
+                raise QueryError(f"cannot read the statement EXPLAIN explains: {_first_line(str(e))}") from None
             if len(inner_stmts) == 1 and str(inner_stmts[0].type.name) == "SELECT":
                 return
+            kind = str(inner_stmts[0].type.name) if len(inner_stmts) == 1 else kind
         elif kind == "SELECT":
             return
         elif kind == "PRAGMA":
@@ -137,32 +262,9 @@ class Warehouse:
             "(use SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN)"
         )
 
-    def _ensure(self, name: str, refs: list[Any]) -> None:
-        view = VIEW_BY_NAME[name]
-        if view.depends:
-            for dep in view.depends:
-                self._ensure(dep, [])
-            if name not in self._light:
-                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {view.sql}")
-                self._light.add(name)
-            return
-        if not view.heavy:
-            if name not in self._light:
-                self.con.register(name, self.loader.load(name))
-                self._light.add(name)
-            return
-        want: list[dict[str, list[Pred]]]
-        if refs and all(r.schema_only for r in refs):
-            want = [{"prompt": [("in", frozenset())]}]  # no rows: DESCRIBE needs columns only
-        else:
-            want = [r.preds for r in refs] or [{}]
-        key = _freeze(want)
-        cached = self._heavy.get(name)
-        if cached is None or cached[0] != key:
-            table = self.loader.load_heavy(name, want)
-            self._heavy[name] = (key, table)
-        self.con.register(name, self._heavy[name][1])
-        self._registered_heavy.add(name)
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else message
 
 
 def _tidy(message: str) -> str:
@@ -173,9 +275,3 @@ def _tidy(message: str) -> str:
     first = message.split("\n", 1)[0]
     close = difflib.get_close_matches(m.group(1).lower(), list(VIEW_BY_NAME), n=1, cutoff=0.5)
     return first + (f' Did you mean "{close[0]}"?' if close else "")
-
-
-def _freeze(want: list[dict[str, list[Pred]]]) -> tuple:
-    return tuple(sorted(
-        tuple(sorted((c, tuple(sorted(map(repr, ps)))) for c, ps in w.items())) for w in want
-    ))

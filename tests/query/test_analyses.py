@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from query import QueryError, Warehouse, get_analysis, list_analyses
-from tests.query.conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, H, L, T
+from tests.query.conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, D, H, L, T
 
 # The study's analyses (issue), then the aggregates the report charts.
 NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_counts",
@@ -162,7 +162,8 @@ def test_resid_cosine_templates(wh: Warehouse, arrays: dict) -> None:
         ra, rb = arrays["resid"][r["prompt_a"]], arrays["resid"][r["prompt_b"]]
         b = r["boundary"]
         assert r["cosine"] == pytest.approx(_cos(ra[b, T - 1], rb[b, T - 1]), abs=1e-5)
-    assert wh.bytes_read == 4 * 4 * 1 * 4 * 4  # last position only: 4 prompts x 4 boundaries x D
+    # last position only: two scans of resid (ra, rb), each 4 prompts x 4 boundaries x D floats
+    assert wh.bytes_read == 2 * 4 * 4 * 1 * D * 4
 
 
 def test_bos_cosine(wh: Warehouse) -> None:

@@ -87,13 +87,20 @@ def test_head_out_matches_numpy(wh: Warehouse, arrays: dict) -> None:
 
 def test_one_layer_reads_a_fraction_of_all_layers(wh_path) -> None:
     with Warehouse(wh_path) as w:
-        w.sql("SELECT count(*) FROM resid")
+        w.sql("SELECT sum(vec[1]) FROM resid")
         all_bytes = w.bytes_read
     with Warehouse(wh_path) as w:
-        w.sql("SELECT count(*) FROM resid WHERE layer = 1")
+        w.sql("SELECT sum(vec[1]) FROM resid WHERE layer = 1")
         one = w.bytes_read
     assert all_bytes == len(PROMPTS) * (L + 1) * T * D * 4
-    assert one * (L + 1) == all_bytes
+    assert one * (L + 1) == all_bytes  # one chunk (= one layer) per prompt
+
+
+def test_counting_rows_reads_no_vectors(wh: Warehouse) -> None:
+    # DuckDB asks only for the columns it needs: a count never touches the vectors
+    assert wh.sql("SELECT count(*) AS n FROM resid WHERE layer = 1")["n"][0] == len(PROMPTS) * T
+    assert wh.sql("SELECT count(*) AS n FROM attention")["n"][0] == len(PROMPTS) * L * H * T * (T + 1) // 2
+    assert wh.bytes_read == 0
 
 
 @pytest.mark.parametrize(("sql", "rows"), [
@@ -135,7 +142,7 @@ def test_describe_heavy_view_reads_nothing(wh: Warehouse) -> None:
 
 
 def test_parameters_narrow_reads(wh: Warehouse) -> None:
-    df = wh.sql("SELECT prompt FROM resid WHERE layer = $l AND position = 0", {"l": 2})
+    df = wh.sql("SELECT prompt, vec FROM resid WHERE layer = $l AND position = 0", {"l": 2})
     assert df.height == 4
     assert wh.bytes_read == 4 * D * 4
 
