@@ -67,9 +67,15 @@ def _attention(rng: np.random.Generator) -> np.ndarray:
     return (a / a.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32") -> dict[str, Any]:
-    """Write the warehouse under ``root``; return every array written (for expected values)."""
+def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32",
+          head_out_all: bool = False) -> dict[str, Any]:
+    """Write the warehouse under ``root``; return every array written (for expected values).
+
+    ``head_out_all``: also per-head outputs at every position (L, T, H, D), equal to
+    ``head_out`` at the last position.
+    """
     rng = np.random.default_rng(0)
+    rng_all = np.random.default_rng(1)  # its own stream: the other values do not depend on it
     manifest = {
         "fingerprint": "test", "fingerprint_parts": {}, "model": {"id": "hand-made"},
         "config": {"store_dtype": store_dtype}, "templates": TEMPLATES,
@@ -82,7 +88,7 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32") ->
         m.attrs({"model_type": "llama", "n_layers": L, "n_heads": H, "n_kv_heads": 2, "head_dim": 2,
                  "d_model": D, "vocab_size": len(VOCAB), "norm_eps": 1e-6})
     bos = rng.normal(size=(L + 1, D)).astype(np.float32)
-    data: dict[str, Any] = {"resid": [], "attn": [], "head_out": [], "bos": bos}
+    data: dict[str, Any] = {"resid": [], "attn": [], "head_out": [], "head_out_all": [], "bos": bos}
     for i, (word, t) in enumerate(PROMPTS):
         tid = WORDS[word]
         resid = rng.normal(size=(L + 1, T, D)).astype(np.float32)
@@ -103,6 +109,11 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32") ->
             s.put(F.ATTN_OUT, rng.normal(size=(L, T, D)))
             s.put(F.MLP_OUT, rng.normal(size=(L, T, D)))
             s.put(F.HEAD_OUT, head_out)
+            if head_out_all:
+                every = rng_all.normal(size=(L, T, H, D)).astype(np.float32)
+                every[:, T - 1] = head_out
+                s.put(F.HEAD_OUT_ALL, every)
+                data["head_out_all"].append(every)
             s.put(F.ATTN_PATTERN, attn)
             s.put(F.LENS_TOPK_IDS, lens_ids)
             s.put(F.LENS_TOPK_LOGITS, np.tile([3.0, 2.0, 1.0], (L + 1, 1)))
@@ -182,3 +193,10 @@ def wh_no_ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wh_noabl") / "warehouse"
     build(root, ablation=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def built_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The same warehouse with head_out_all stored too (every heavy view has rows)."""
+    root = tmp_path_factory.mktemp("wh_all") / "warehouse"
+    return root, build(root, head_out_all=True)
