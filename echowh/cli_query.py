@@ -27,6 +27,8 @@ def _flat(df: pl.DataFrame) -> pl.DataFrame:
 def _render(df: pl.DataFrame, fmt: str, max_rows: int) -> str:
     if fmt == "csv":
         return _flat(df).write_csv()
+    if fmt == "table" and df.columns == ["explain_key", "explain_value"]:
+        return "".join(f"{v}\n" for v in df["explain_value"].to_list())  # EXPLAIN's plan as DuckDB wrote it
     if fmt == "json":
         return df.write_json() + "\n"
     with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=40,
@@ -56,8 +58,14 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Write the result to FILE instead of standard output.")
 @click.option("--max-rows", type=int, default=50, show_default=True,
               help="Rows shown by --format table (other formats write every row).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Interrupt the statement after this many seconds (one-line error, exit 1).")
+@click.option("--memory-limit", metavar="SIZE",
+              help="DuckDB memory limit, e.g. 2GB or 500MB (default: half the machine's memory); "
+                   "larger intermediates spill to a temporary directory outside the warehouse.")
 def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[str, ...],
-          fmt: str, output: Path | None, max_rows: int) -> None:
+          fmt: str, output: Path | None, max_rows: int, timeout: float | None,
+          memory_limit: str | None) -> None:
     """Run read-only SQL, or a named analysis, over a warehouse.
 
     \b
@@ -79,7 +87,7 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
     try:
         if analysis is not None:
             get_analysis(analysis)  # unknown name: an error before opening the warehouse
-        with Warehouse(warehouse) as wh:
+        with Warehouse(warehouse, memory_limit=memory_limit, timeout=timeout) as wh:
             if analysis is not None:
                 df = wh.run_analysis(analysis, **_params(params))
             else:
