@@ -3,6 +3,7 @@ reads, and one place where a broken shard becomes a one-line :class:`QueryError`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +38,7 @@ class Shards:
             self.d_model = int(attrs["d_model"])
         self.prompts = np.array(reader.prompt_indices(), dtype=np.int64)
         self.bytes_read = 0  # heavy-view bytes read from HDF5, as stored on disk
+        self._count_lock = threading.Lock()  # DuckDB may scan two views from two threads
         self._vocab: np.ndarray | None = None
         self._roles: dict[int, np.ndarray] = {}
 
@@ -87,5 +89,6 @@ class Shards:
     def read_counted(self, ds: h5py.Dataset, sel: tuple) -> np.ndarray:
         """``ds[sel]`` as float32, adding the bytes it occupies on disk to ``bytes_read``."""
         out = np.asarray(ds.astype("float32")[sel])
-        self.bytes_read += out.size * ds.dtype.itemsize
+        with self._count_lock:
+            self.bytes_read += out.size * ds.dtype.itemsize
         return out

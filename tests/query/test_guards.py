@@ -163,3 +163,26 @@ def test_missing_dataset_is_a_one_line_error_naming_the_shard(wh_path, tmp_path)
         wh.sql("SELECT count(*) FROM attention")
     assert str(e.value) == (f"{root / 'prompts' / 'p00002.h5'}: unreadable shard "
                             "(KeyError: \"dataset 'attn_pattern' missing\")")
+
+
+@pytest.mark.parametrize("pushdown", [True, False])
+@pytest.mark.parametrize("sql", ["SELECT sum(vec[1]) FROM resid WHERE layer = 1",
+                                 "SELECT count(*) FROM attention", "SELECT * FROM prompts",
+                                 "SELECT * FROM ablation"])
+def test_store_errors_come_back_as_the_store_wrote_them(wh_path, monkeypatch, sql: str, pushdown: bool) -> None:
+    """A WarehouseError raised by the reader inside DuckDB's scan (which wraps it) reaches the
+    user as the store's own one line."""
+    from store import WarehouseError, WarehouseReader
+
+    real = WarehouseReader.shard
+
+    def shard(self, index: int, subdir: str = "prompts"):
+        if index == 2:
+            raise WarehouseError(f"{self.root / subdir / 'p00002.h5'}: structure check failed (test)")
+        return real(self, index, subdir)
+
+    monkeypatch.setattr(WarehouseReader, "shard", shard)
+    with Warehouse(wh_path, pushdown=pushdown) as wh, pytest.raises(QueryError) as e:
+        wh.sql(sql)
+    sub = "ablation" if "ablation" in sql else "prompts"
+    assert str(e.value) == f"{wh_path / sub / 'p00002.h5'}: structure check failed (test)"
