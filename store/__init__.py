@@ -10,9 +10,9 @@ from store.schema import (
     Mode,
     Role,
 )
+from store.errors import WarehouseError
+from store.shard import ShardWriter
 from store.warehouse import (
-    ShardWriter,
-    WarehouseError,
     WarehouseReader,
     WarehouseWriter,
     validation_array,
