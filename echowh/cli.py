@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("echowh.cli_query", "query", "Run SQL or a named analysis over a warehouse."),
     "analyses": ("echowh.cli_query", "analyses", "List the named analyses and their parameters."),
     "report": ("echowh.cli_report", "report", "Write the self-contained HTML report of a warehouse."),
+    "verify": ("echowh.cli_verify", "verify", "Check a warehouse end to end (hashes, structure, invariants)."),
 }
 
 
@@ -48,6 +49,7 @@ def main() -> None:
       echowh query -a emergence_layer             # run one
       echowh query "SELECT * FROM prompts LIMIT 5"
       echowh report -o out/report.html            # self-contained HTML report
+      echowh verify                               # scrub: every shard intact and ours
 
     \b
     Environment: ECHOWH_WAREHOUSE (default -w), ECHOWH_CACHE (converted embedded

@@ -261,7 +261,13 @@ class _Shard(h5py.File):
     checked: set[str]
 
     def __getitem__(self, name: Any) -> Any:
-        obj = super().__getitem__(name)
+        try:
+            obj = super().__getitem__(name)
+        except (KeyError, OSError) as e:
+            if isinstance(e, KeyError) and not (isinstance(name, str) and name in self):
+                raise  # no such object: Group.get and `in` rely on this KeyError
+            raise WarehouseError(f"{self.filename}: object {name} is damaged ({first_line(e)}); "
+                                 "`echowh verify` lists every damaged file") from None
         if not isinstance(obj, h5py.Dataset):
             return obj
         key = obj.name.lstrip("/")
