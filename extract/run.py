@@ -29,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from store.lock import refuse_if_writing
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
@@ -205,6 +206,7 @@ def eos_ids(adapter: Adapter, tok) -> set[int]:
 def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     """Run the whole extraction (and ablation grid) into ``cfg.out``."""
     t0 = time.perf_counter()
+    refuse_if_writing(cfg.out)  # at once, before minutes of model loading; create() locks
     adapter, tok, ident, words, prompts = prepare(cfg)
     t_load = time.perf_counter() - t0
     manifest = _manifest(cfg, adapter, tok, ident, words, prompts)

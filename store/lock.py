@@ -10,6 +10,7 @@ a writer is active without taking the lock (``/proc/locks`` on Linux).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -63,12 +64,7 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = _read_holder(path)
-            who = holder.describe() if holder else "another process (it has not written its name yet)"
-            raise WarehouseError(
-                f"{root} is being written by another extraction ({who}); wait for it to finish "
-                "or choose another --out (readers such as query and verify may run meanwhile)"
-            ) from None
+            raise _busy(root, _read_holder(path)) from None
         return cls(path, fd)
 
     def announce(self, command: str = "") -> Holder:
@@ -98,10 +94,24 @@ class WriterLock:
 
 
     def __del__(self) -> None:  # a writer dropped without close() still lets go
-        try:
+        with contextlib.suppress(OSError):
             self.release()
-        except OSError:
-            pass
+
+
+def _busy(root: Path, holder: Holder | None) -> WarehouseError:
+    who = holder.describe() if holder else "another process (it has not written its name yet)"
+    return WarehouseError(
+        f"{root} is being written by another extraction ({who}); wait for it to finish "
+        "or choose another --out (readers such as query and verify may run meanwhile)"
+    )
+
+
+def refuse_if_writing(root: Path) -> None:
+    """Fail at once, changing nothing, if a writer holds ``root`` (before a model is loaded);
+    WriterLock.acquire remains the authoritative check."""
+    holder = current_writer(root)
+    if holder is not None:
+        raise _busy(Path(root), holder)
 
 
 def current_writer(root: Path) -> Holder | None:
