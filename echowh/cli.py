@@ -30,6 +30,18 @@ class LazyGroup(click.Group):
         module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context):
+        """A damaged or foreign warehouse is one line and exit 1 in every command, whichever
+        layer the store's WarehouseError surfaces through (never a traceback)."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if type(e).__name__ == "WarehouseError" and type(e).__module__ == "store.errors":
+                raise click.ClickException(str(e)) from None
+            raise
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):

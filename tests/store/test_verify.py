@@ -161,3 +161,17 @@ def test_a_flipped_byte_never_gives_a_wrong_number(tmp_path: Path) -> None:
         outcomes["same"] += 1
     shard.write_bytes(clean_bytes)
     assert outcomes["refused"] > 0.5 * (outcomes["refused"] + outcomes["same"]), outcomes
+
+
+@pytest.mark.parametrize("argv", [
+    ["query", "SELECT count(*) FROM resid"],
+    ["query", "SELECT count(*) FROM prompts"],
+    ["report", "-o", "{tmp}/r.html"],
+])
+def test_query_and_report_fail_in_one_line_naming_the_file(damaged: Path, tmp_path: Path, argv: list[str]) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    r = CliRunner().invoke(main, [argv[0], "-w", str(damaged), *argv[1:]])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert any(lines[0].startswith(f"Error: {damaged}/prompts/p0000{i}.h5: ") for i in range(3)), lines[0]
