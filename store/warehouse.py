@@ -77,6 +77,7 @@ class WarehouseWriter:
         self.warnings: list[str] = []
         self.ledger = Ledger(self.root)
         self._lock: WriterLock | None = None
+        self.manifest = {}  # set by create(); a bare writer stamps no fingerprint
 
     @classmethod
     def create(cls, root: Path, manifest: dict[str, Any], *, resume: bool,
