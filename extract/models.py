@@ -185,7 +185,9 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, dict[str, Any]
     if name in EMBEDDED_ALIASES:
         folder = convert_embedded(name, progress)
         src = json.loads((folder / "echowh-source.json").read_text())
-        return str(folder), {"model": name, "source": f"gguf:{src['gguf']}", "revision": f"gguf-bytes-{src['gguf_bytes']}"}
+        gguf = embedded_gguf(name)
+        return str(folder), {"model": name, "source": f"gguf:{src['gguf']}",
+                             "revision": f"gguf-sha256-{content_sha256(gguf)[:16]}"}
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
@@ -212,12 +214,59 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
+HASH_CACHE = "file-sha256.json"
+
+
 def _folder_revision(p: Path) -> str:
-    """A cheap identity of a local folder: config + weight file names and sizes."""
+    """The identity of a local folder's model: config.json and the SHA-256 of every weight
+    file's content, so retrained weights of the same shape are another revision."""
     h = hashlib.sha256((p / "config.json").read_bytes())
-    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    files = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
+    for f in files:
+        h.update(f"{f.name}:{content_sha256(f)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per file identity.
+
+    Cached in ``cache_root()/file-sha256.json`` keyed by (resolved path, size, mtime_ns,
+    inode): rewriting a file in place changes its mtime (and usually its inode), so a stale
+    hash is never reused. An unwritable cache only costs a re-hash next time.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache_file = cache_root() / HASH_CACHE
+    cached = _read_hash_cache(cache_file).get(key)
+    if isinstance(cached, str):
+        return cached
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_hash_cache(cache_file)  # re-read: another run may have added entries
+        entries = {k: v for k, v in entries.items() if not k.startswith(f"{path}|")}
+        entries[key] = digest
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{HASH_CACHE}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(entries, fh, indent=0, sort_keys=True)
+        os.replace(tmp, cache_file)  # atomic: concurrent runs never see half a cache
+    except OSError:
+        pass
+    return digest
+
+
+def _read_hash_cache(path: Path) -> dict[str, str]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def pick_device(choice: str) -> torch.device:
