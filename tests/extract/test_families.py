@@ -92,8 +92,15 @@ def test_lens_and_dla_against_hf_forward(fam):
     layers = model.model.layers
     L, H, hd = len(layers), model.config.num_attention_heads, adapter.arch.head_dim
     got = _capture_all(adapter, prompts)
+    w_u = model.lm_head.weight.double()
+    rec: dict = {}
+
+    def logits(x):
+        z = _rms64(x, model.model.norm, sandwich) @ w_u.T
+        return z if cap is None else cap * torch.tanh(z / cap)
+
     for p in prompts[:: max(1, len(prompts) // 3)]:
-        rec: dict = {}
+        rec.clear()
         hooks = [model.model.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("final", a[0][0]))]
         for i, lay in enumerate(layers):
             att = lay.self_attn
@@ -107,12 +114,6 @@ def test_lens_and_dla_against_hf_forward(fam):
             for h in hooks:
                 h.remove()
         resid = [hs[0, -1] for hs in out.hidden_states[:L]] + [rec["final"][-1]]  # L+1 boundaries
-        w_u = model.lm_head.weight.double()
-
-        def logits(x):
-            z = _rms64(x, model.model.norm, sandwich) @ w_u.T
-            return z if cap is None else cap * torch.tanh(z / cap)
-
         d = got[p.index].arrays
         t = int(p.candidates[0][1])
         for layer in range(L + 1):
