@@ -172,12 +172,13 @@ def _write_model_file(w: WarehouseWriter, adapter: Adapter, tok, prompts: list[P
     with torch.no_grad(), w.model_writer() as s:
         s.put(M.UNEMBED_IDS, np.array(ids, np.int32))
         s.put(M.UNEMBED_ROWS, adapter.folded_unembed(torch.tensor(ids, device=adapter.lm_head.weight.device)).cpu().numpy())
-        s.put(M.FINAL_NORM_WEIGHT, adapter.final_norm.weight.float().cpu().numpy())
+        s.put(M.FINAL_NORM_WEIGHT, adapter.norm_gain(adapter.final_norm).cpu().numpy())
         s.put(M.KV_GROUP, np.array(a.kv_group, np.int32))
         s.put(M.VOCAB_TEXT, vocab)
         s.attrs({"model_type": a.model_type, "n_layers": a.n_layers, "n_heads": a.n_heads,
                  "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "d_model": a.d_model,
                  "vocab_size": a.vocab_size, "norm_eps": a.norm_eps,
+                 "final_softcap": float(a.final_softcap or 0.0),
                  "fingerprint": w.manifest["fingerprint"]})
 
 

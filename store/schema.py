@@ -179,9 +179,10 @@ class M:
     UNEMBED_IDS = Field("unembed_ids", ("R",), "int32", "token ids of the stored unembedding rows")
     UNEMBED_ROWS = Field(
         "unembed_rows", ("R", "D"), "float32",
-        "W_U rows with the final-norm weight folded in: logit = final_scale * resid . row",
+        "W_U rows with the final-norm gain folded in: pre-cap logit = final_scale * resid . row",
     )
-    FINAL_NORM_WEIGHT = Field("final_norm_weight", ("D",), "float32", "final RMSNorm weight")
+    FINAL_NORM_WEIGHT = Field("final_norm_weight", ("D",), "float32",
+                              "final RMSNorm gain as applied: w, or 1 + w for gemma families")
     KV_GROUP = Field("kv_group", ("H",), "int32", "KV head read by each query head (GQA)")
     VOCAB_TEXT = Field("vocab_text", ("V",), "str", "every token id decoded on its own")
 
@@ -191,7 +192,7 @@ class M:
 M.ALL = tuple(v for v in vars(M).values() if isinstance(v, Field))
 
 MODEL_ATTRS: dict[str, str] = {
-    "model_type": "config.model_type (llama, qwen2)",
+    "model_type": "config.model_type (llama, qwen2, qwen3, mistral, phi3, gemma2, gemma3_text)",
     "n_layers": "L",
     "n_heads": "H (query heads)",
     "n_kv_heads": "KV heads",
@@ -199,6 +200,8 @@ MODEL_ATTRS: dict[str, str] = {
     "d_model": "D",
     "vocab_size": "V",
     "norm_eps": "final RMSNorm epsilon",
+    "final_softcap": "final-logit soft-cap c (logit = c * tanh(pre / c); DLA sums to the pre-cap "
+                     "logit); 0 = none",
     "fingerprint": "the run fingerprint (stamped by the writer)",
 }
 

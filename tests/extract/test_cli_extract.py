@@ -77,7 +77,8 @@ def test_unknown_model_type(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(d)
     r = _run("--model", str(d), "--out", str(tmp_path / "w"))
     assert r.exit_code == 1
-    assert _error_line(r) == "Error: model type 'gpt2' is not supported; supported types: llama, qwen2"
+    assert _error_line(r) == ("Error: model type 'gpt2' is not supported; supported types: "
+                              "llama, qwen2, qwen3, mistral, phi3, gemma2, gemma3_text")
 
 
 @pytest.mark.parametrize(("layers", "code", "line"), [
@@ -260,10 +261,10 @@ def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch)
 def test_ablation_engine_drift_fails_the_run(tiny_qwen2_dir, tmp_path, monkeypatch):
     """Every run checks the ablation engine against the model (removing nothing == the model's
     logits): a bug in the engine's forward is caught on real data, not only by the tests."""
-    import extract.ablation
+    import extract.ablation_grid
 
-    real = extract.ablation._logits
-    monkeypatch.setattr(extract.ablation, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
+    real = extract.ablation_grid._logits
+    monkeypatch.setattr(extract.ablation_grid, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
     out = tmp_path / "w"
     r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out),
              "--ablation", "zero", "--ablate-layers", "0")
