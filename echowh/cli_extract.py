@@ -80,8 +80,9 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Tokens kept per layer by the logit lens and per ablation.")
 @click.option("--head-out-all-positions", is_flag=True,
               help="Also store per-head outputs at every position (large: L x T x H x D per prompt).")
-@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
-              help="Prompts of equal length run together (no padding: exact).")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=None,
+              help="Prompts of equal length run together (no padding: exact). Default: from the "
+                   "device (32 on a CPU; on a GPU from its memory and the model's shape).")
 @click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
               help="Ablation modes after extraction: zero, mean, zero,mean or none.")
 @click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",

@@ -29,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from extract.sizing import sizes
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
@@ -210,7 +211,7 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     # Only the missing shards are written; a finished shard is never rewritten.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending_write = None
-        for batch in batches(prompts, cfg.batch_size):
+        for batch in batches(prompts, cfg.batch_size or sizes(adapter).extract_batch):
             if all(p.index in done for p in batch):
                 continue
             ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
