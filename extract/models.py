@@ -185,10 +185,10 @@ def _package_dir(alias: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def embedded_gguf(alias: str, workdir: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def embedded_gguf(alias: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """The GGUF of an embedded alias and its source identity.
 
-    A file shipped whole is used in place (identity: its size, as recorded since schema 1); a
+    A file shipped whole is used in place (identity: its size, as recorded from the start); a
     chunked one is assembled into ``workdir`` by its package, which checks the sha256 (identity:
     that sha256 and the package version).
     """
@@ -202,7 +202,7 @@ def embedded_gguf(alias: str, workdir: Path | None = None) -> tuple[Path, dict[s
     dist = emb.package.replace("_", "-")
     try:
         mod = importlib.import_module(emb.package)
-        path = Path(mod.assemble(Path(workdir or tempfile.mkdtemp()) / emb.gguf, overwrite=True))
+        path = Path(mod.assemble(Path(workdir) / emb.gguf, overwrite=True))
     except (ImportError, FileNotFoundError, ValueError) as e:
         raise ModelError(f"could not assemble {emb.gguf} from {dist} and its chunk packages "
                          f"({str(e).splitlines()[0]}); reinstall ({emb.install})") from e
