@@ -74,6 +74,7 @@ def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
 
 
 POOL = (1 << 22) + 15  # normals drawn per model; odd length, so no row width divides it
+FILL = f"pool-{POOL}-v1"  # recorded with the folder: another fill is another model
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def build_scale_model(name: str, out: Path, seed: int = 0, dtype: torch.dtype = 
     """Write the folder (config, weights, tokenizer, chat template) atomically; reuse a finished one."""
     out = Path(out)
     marker = out / "echowh-scale.json"
-    ident = {"name": name, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+    ident = {"name": name, "seed": seed, "dtype": str(dtype).removeprefix("torch."), "fill": FILL,
              "config": published_config(name)}
     if marker.exists():
         if json.loads(marker.read_text()) == ident:
