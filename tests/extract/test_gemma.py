@@ -187,3 +187,25 @@ def test_study_end_to_end_on_gemma3(gemma_dir, tmp_path):
     rep = CliRunner().invoke(main, ["report", "-w", str(out), "-o", str(tmp_path / "r.html")])
     assert rep.exit_code == 0, rep.output
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, templates, chat", [
+    ([], GEMMA_FEW_SHOT, False),  # the alias's prompt form
+    (["--no-chat-template"], ("repeat the following word: {word}", "echo the following word: {word}"), False),
+    (["--template", "say {word}"], ("say {word}",), True),  # the user's choice wins
+])
+def test_cli_uses_the_alias_prompt_form_only_by_default(monkeypatch, tmp_path, args, templates, chat):
+    import extract.run
+    from echowh.cli import main
+
+    seen = {}
+
+    def fake_extract(cfg, log=print):
+        seen["cfg"] = cfg
+        return extract.run.RunSummary(str(cfg.out), 0, 0, 0, {}, {})
+
+    monkeypatch.setattr(extract.run, "extract", fake_extract)
+    r = CliRunner().invoke(main, ["extract", "-q", "-m", "gemma3-270m", "-o", str(tmp_path / "w"), *args])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].templates == templates and seen["cfg"].chat_template is chat
+    assert ("is a base model" in r.output) == (not args)
