@@ -25,6 +25,7 @@ import argparse
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,22 +70,34 @@ def zero_one_unit(ad: Adapter, layer: int, unit: int, T: int, last_only: bool):
 
 
 @torch.no_grad()
-def naive(ad: Adapter, prompts: list[Prompt], last_only: bool, n_units: int) -> tuple[float, int]:
-    """Seconds for the naive grid (measured, or scaled from n_units pairs per prompt)."""
-    L, U = ad.arch.n_layers, ad.arch.n_heads + 2
-    pairs = [(li, u) for li in range(L) for u in range(U)]
+def naive(ad: Adapter, prompts: list[Prompt], last_only: bool, n_units: int,
+          layers: Sequence[int] | None = None) -> tuple[float, int]:
+    """Seconds for the naive grid over ``layers`` (default all; measured, or scaled from n_units
+    pairs per prompt)."""
+    U = ad.arch.n_heads + 2
+    layers = list(range(ad.arch.n_layers)) if layers is None else list(layers)
+    pairs = [(li, u) for li in layers for u in range(U)]
+    n_grid = len(pairs)
     if n_units:
         pairs = random.Random(0).sample(pairs, min(n_units, len(pairs)))
+    dev = ad.lm_head.weight.device
+    _sync(dev)
     t0 = time.perf_counter()
     for p in prompts:
-        ids = torch.tensor([p.input_ids])
+        ids = torch.tensor([p.input_ids], device=dev)
         clean = ad.model(ids).logits[0, -1].float()
         for li, u in pairs:
             with zero_one_unit(ad, li, u, p.n_tokens, last_only):
                 logits = ad.model(ids).logits[0, -1:].float()
             summarise(logits, clean, p.candidates[0][1], 10)
+    _sync(dev)
     dt = time.perf_counter() - t0
-    return dt * (L * U) / len(pairs), len(pairs) * len(prompts)
+    return dt * n_grid / len(pairs), len(pairs) * len(prompts)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def ours(ad: Adapter, prompts: list[Prompt], positions: str) -> float:
@@ -98,22 +111,33 @@ def ours(ad: Adapter, prompts: list[Prompt], positions: str) -> float:
         return time.perf_counter() - t0
 
 
-def matmul_gflops(ad: Adapter, n: int = 2048) -> float:
-    """Measured float32 GEMM throughput on the model's biggest per-layer product."""
+def matmul_gflops(ad: Adapter, n: int = 2048, reps: int = 20) -> float:
+    """Measured GEMM throughput on the model's biggest per-layer product, on the model's device
+    and in its dtype (float32 on the CPU)."""
     inter = ad.model.config.intermediate_size
-    a = torch.randn(n, ad.arch.d_model)
-    b = torch.randn(inter, ad.arch.d_model)
+    dev, dt = ad.lm_head.weight.device, ad.lm_head.weight.dtype
+    a = torch.randn(n, ad.arch.d_model, device=dev, dtype=dt)
+    b = torch.randn(inter, ad.arch.d_model, device=dev, dtype=dt)
     for _ in range(3):
         a @ b.T
-    reps = 20
+    _sync(dev)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b.T
+    _sync(dev)
     return 2 * n * ad.arch.d_model * inter * reps / (time.perf_counter() - t0) / 1e9
 
 
-def grid_flops(ad: Adapter, prompts: list[Prompt], positions: str) -> float:
-    """FLOPs the zero grid needs (see module docstring), matmuls only."""
+def grid_flops(ad: Adapter, prompts: list[Prompt], positions: str,
+               layers: Sequence[int] | None = None) -> float:
+    """FLOPs the zero grid over ``layers`` (default all) needs (see module docstring), matmuls only.
+
+    Prompts of several templates: the clean prefix and the ablated prefix count once per template."""
+    by_tpl: dict[int, list[Prompt]] = {}
+    for p in prompts:
+        by_tpl.setdefault(p.template_index, []).append(p)
+    if len(by_tpl) > 1:
+        return sum(grid_flops(ad, g, positions, layers) for g in by_tpl.values())
     a = ad.arch
     D, H, KV, hd, L, V = a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.n_layers, a.vocab_size
     inter = ad.model.config.intermediate_size
@@ -134,7 +158,7 @@ def grid_flops(ad: Adapter, prompts: list[Prompt], positions: str) -> float:
     # the clean run: prefix once, then each prompt's own positions
     total += sum(L * full(i + 1) for i in range(P))
     total += sum(L * full(i + 1) for p in prompts for i in range(P, p.n_tokens)) + len(prompts) * 2 * D * V
-    for la in range(L):
+    for la in range(L) if layers is None else layers:
         if positions == "last":
             for p in prompts:
                 T = p.n_tokens

@@ -24,6 +24,7 @@ import torch
 
 from extract.config import ExtractConfig
 from extract.run import batches, extract, prepare
+from extract.sizing import sizes
 
 TEMPLATES_10 = tuple(
     f"{verb} the following word: {{word}}"
@@ -34,7 +35,7 @@ TEMPLATES_10 = tuple(
 def time_ratio(repeats: int = 2) -> dict[str, float]:
     cfg = ExtractConfig(ablation=(), progress=False)
     adapter, tok, ident, words, prompts = prepare(cfg)
-    groups = batches(prompts, cfg.batch_size)
+    groups = batches(prompts, cfg.batch_size or sizes(adapter).extract_batch)
     model = adapter.model
     best_bare = float("inf")
     best_ext = float("inf")

