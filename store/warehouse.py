@@ -253,8 +253,36 @@ def _damaged(ds: h5py.Dataset, e: Exception) -> WarehouseError:
                           f"`echowh verify -w {root}` lists every damaged file")
 
 
+class _Attrs(Mapping[str, Any]):
+    """A shard's attributes with text as ``str`` (stored fixed-length UTF-8, read as bytes)."""
+
+    def __init__(self, attrs: h5py.AttributeManager) -> None:
+        self._a = attrs
+
+    def __getitem__(self, key: str) -> Any:
+        v = self._a[key]
+        if isinstance(v, bytes):
+            return v.decode()
+        if isinstance(v, np.ndarray) and v.dtype.kind == "S":
+            return np.array([x.decode() for x in v.tolist()], dtype=object)
+        return v
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._a)
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._a
+
+
 class _Shard(h5py.File):
     """A shard opened read-only whose datasets are checked against the schema on first use."""
+
+    @property
+    def attrs(self) -> _Attrs:  # type: ignore[override]
+        return _Attrs(super().attrs)
 
     kind: Kind
     dims: dict[str, int]
