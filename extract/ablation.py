@@ -579,8 +579,27 @@ def iter_grid(ad: Adapter, prompts: Sequence[Prompt], spec: GridSpec, means: Mea
 # -- numbers stored per (mode, layer, unit) ------------------------------------------------------
 
 
+def clean_reference(clean_logits: torch.Tensor, target: int) -> dict:
+    """The one clean reference of every ablation number, from the engine's clean logits (V,)."""
+    clean = clean_logits.float()
+    lp = torch.log_softmax(clean.double(), -1)  # (V,)
+    top1 = int(clean.argmax())
+    t_logit = clean[target]
+    return {
+        A.CLEAN_TOP1_ID: np.int32(top1),
+        A.CLEAN_TOP1_PROB: np.float32(lp[top1].exp()),
+        A.CLEAN_TARGET_LOGIT: np.float32(t_logit),
+        A.CLEAN_TARGET_PROB: np.float32(lp[target].exp()),
+        A.CLEAN_TARGET_RANK: np.int32((clean > t_logit).sum()),
+    }
+
+
 def summarise(ablated: torch.Tensor, clean_logits: torch.Tensor, target: int, top_k: int) -> dict:
-    """Per-row numbers from ablated logits (R, V) and the clean logits (V,), float32/64."""
+    """Per-row numbers from ablated logits (R, V) against the engine's clean logits (V,).
+
+    logit_diff and KL use the same clean logits that ``clean_reference`` summarises, so
+    logit_diff == clean_target_logit - target_logit exactly (float32).
+    """
     ablated = ablated.float()
     lp = torch.log_softmax(ablated, -1)  # (R, V)
     clean_lp = torch.log_softmax(clean_logits.double(), -1)  # (V,)
@@ -591,7 +610,7 @@ def summarise(ablated: torch.Tensor, clean_logits: torch.Tensor, target: int, to
         A.TARGET_LOGIT: t_logit,
         A.TARGET_PROB: lp[:, target].exp(),
         A.TARGET_RANK: (ablated > t_logit[:, None]).sum(-1),
-        A.LOGIT_DIFF: clean_logits[target].float() - t_logit,
+        A.LOGIT_DIFF: clean_logits.float()[target] - t_logit,
         A.TOP1_ID: top_i[:, 0],
         A.TOP1_PROB: lp.gather(-1, top_i[:, :1])[:, 0].exp(),
         A.KL: kl.clamp_min(0.0).float(),
@@ -617,11 +636,12 @@ def run_ablation(
 ) -> dict[str, float]:
     """Ablate every unit of every requested layer for each prompt without an ablation shard.
 
-    Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K])),
-    atomically; returns timings. With ``reference`` (prompt index -> the model's own logits at
-    the last position, as the extraction stored them) each shard also records invariant 6's
-    first half, checked on every run: the engine's own forward with nothing removed reproduces
-    the model (rel. error within ``tolerance``).
+    Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K]), and
+    the engine's clean reference ``clean_*``, axes ()), atomically; returns timings. Every
+    number is relative to that clean reference. With ``reference`` (prompt index -> the
+    model's own logits at the last position, as the extraction stored them) each shard also
+    records invariant 6's first half, checked on every run: the engine's own forward with
+    nothing removed reproduces the model (rel. error within ``tolerance``).
     """
     a = adapter.arch
     L = a.n_layers
@@ -657,6 +677,8 @@ def run_ablation(
             return  # rerun only as a member of its group; its shard exists
         stats = summarise(logits, clean, targets[p.index], top_k)
         st = acc.setdefault(p.index, {})
+        if A.CLEAN_TOP1_ID not in st:
+            st.update(clean_reference(clean, targets[p.index]))
         if reference is not None and A.VALIDATION not in st:
             model = torch.from_numpy(np.asarray(reference(p.index), np.float32)).to(clean.device)  # (V,)
             ((err, rel),) = invariant_errors(clean.float()[None], model[None])

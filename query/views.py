@@ -118,7 +118,9 @@ layer INTEGER | block index (-1 for the embedding)
 component VARCHAR | 'embed', 'head', 'attn_bias' or 'mlp'
 head INTEGER | head index for component 'head', else NULL
 dla FLOAT | contribution to the target logit (frozen final scale)""")),
-    View("ablation", "per-unit ablation results at the last position (empty when not extracted)", _c(f"""
+    View("ablation", "per-unit ablation results at the last position (empty when not extracted); every "
+         "number is relative to one clean reference, the ablation engine's own clean forward "
+         "(clean_* columns), not prompts.top1_id/target_logit (the HF forward; in bfloat16 they differ)", _c(f"""
 prompt INTEGER | prompt index
 mode VARCHAR | 'zero' or 'mean'
 layer INTEGER | block index of the ablated unit
@@ -126,12 +128,19 @@ layer INTEGER | block index of the ablated unit
 target_logit FLOAT | target logit after ablation
 target_prob FLOAT | target probability after ablation
 target_rank INTEGER | target rank after ablation (0 = top-1)
-logit_diff FLOAT | clean minus ablated target logit (> 0: the unit helped the target)
+logit_diff FLOAT | clean_target_logit minus ablated target logit (> 0: the unit helped the target)
 top1_id INTEGER | top-1 token after ablation
 top1_text VARCHAR | its text
 top1_prob FLOAT | its probability
-kl FLOAT | KL(clean || ablated), nats
-positions VARCHAR | where the unit was removed: 'all' or 'last'""")),
+kl FLOAT | KL(clean || ablated) with the engine's clean logits, nats
+positions VARCHAR | where the unit was removed: 'all' or 'last'
+clean_top1_id INTEGER | top-1 token of the engine's clean forward (the reference of top1_changed)
+clean_top1_text VARCHAR | its text
+clean_target_logit FLOAT | target logit of the engine's clean forward (the reference of logit_diff)
+clean_target_prob FLOAT | target probability of the engine's clean forward
+clean_target_rank INTEGER | target rank of the engine's clean forward (the reference of rank_change)
+top1_changed BOOLEAN | top1_id <> clean_top1_id: the ablation changes the answer
+rank_change INTEGER | target_rank - clean_target_rank (> 0: the target fell)""")),
     View("ablation_topk", "top-k tokens after each ablation (empty when not extracted)", _c(f"""
 prompt INTEGER | prompt index
 mode VARCHAR | 'zero' or 'mean'
@@ -470,6 +479,14 @@ class Loader:
                     cols[fld.name] = self.r.read(fld, p, subdir=ABLATION_DIR).reshape(-1)
                 cols["top1_text"] = self.text(cols["top1_id"])
                 cols["positions"] = [positions] * mi.size
+                clean = {fld.name: self.r.read(fld, p, subdir=ABLATION_DIR)[()]
+                         for fld in (A.CLEAN_TOP1_ID, A.CLEAN_TARGET_LOGIT, A.CLEAN_TARGET_PROB,
+                                     A.CLEAN_TARGET_RANK)}
+                for k, v in clean.items():
+                    cols[k] = np.full(mi.size, v)
+                cols["clean_top1_text"] = self.text(cols["clean_top1_id"])
+                cols["top1_changed"] = cols["top1_id"] != cols["clean_top1_id"]
+                cols["rank_change"] = cols["target_rank"] - cols["clean_target_rank"]
             for k, v in cols.items():
                 parts.setdefault(k, []).append(list(v) if not isinstance(v, np.ndarray) else v)
         if not parts:
