@@ -502,16 +502,17 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
         for j, p in enumerate(ps):
             mask[j, : p.n_tokens - 1] = False
         kidx = torch.tensor([g.keys[i][-1] for i in chunk], device=dev)[:, None, None]  # (B, 1, 1)
-        h = torch.zeros(B, 0, 1, D, dtype=dt, device=dev)
+        # Row 0 is the clean spine: nothing removed, from the embedding on. Every config starts
+        # from the spine's state at its layer and the spine's logits are the clean reference, so
+        # a unit that removes nothing gives bit for bit the reference (also in bfloat16).
+        h = torch.stack([g.suf_resid[i][0, -1] for i in chunk])[:, None, None]  # (B, 1, 1, D)
         for m in range(L):
             ab = None
             if m in starts:
-                new = torch.stack([g.suf_resid[i][m, -1] for i in chunk])  # (B, D) clean
-                h = torch.cat([h, new[:, None, None].expand(B, C, 1, D)], 1)
+                new = h[:, :1].expand(B, C, 1, D)  # the spine at block m: clean
+                h = torch.cat([h, new], 1)
                 ab = _ablate(keeps, means, tpl, m, kidx, (1, C, 1, -1),
                              sel=(slice(None), slice(h.shape[1] - C, None)))
-            if h.shape[1] == 0:
-                continue
             sk = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
             sv = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
             for j, i in enumerate(chunk):
@@ -523,11 +524,12 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
                 sv[j, :, P : P + s] = g.suf_v[i][m, :, :s]
             h = block(ad, m, h, cs, sn, sh_k=sk, sh_v=sv, sh_mask=mask, ab=ab).h
         R = h.shape[1]
-        assert len(spec.layers) * C == R, (R, C)
+        assert 1 + len(spec.layers) * C == R, (R, C)
         for j, i in enumerate(chunk):
-            logits = _logits(ad, h[j, :, 0])  # (L'*C, V), rows layer-major
+            logits = _logits(ad, h[j, :, 0])  # (1 + L'*C, V): the spine, then rows layer-major
+            g.clean_logits[i] = logits[0]
             for li in range(len(spec.layers)):
-                sink(i, li, logits[li * C : (li + 1) * C])
+                sink(i, li, logits[1 + li * C : 1 + (li + 1) * C])
         tick(B * len(spec.layers))
 
 
@@ -583,7 +585,7 @@ def clean_reference(clean_logits: torch.Tensor, target: int) -> dict:
     """The one clean reference of every ablation number, from the engine's clean logits (V,)."""
     clean = clean_logits.float()
     lp = torch.log_softmax(clean.double(), -1)  # (V,)
-    top1 = int(clean.argmax())
+    top1 = int(clean.argmax())  # first index of the max (ties broken as summarise does)
     t_logit = clean[target]
     return {
         A.CLEAN_TOP1_ID: np.int32(top1),
@@ -601,18 +603,19 @@ def summarise(ablated: torch.Tensor, clean_logits: torch.Tensor, target: int, to
     logit_diff == clean_target_logit - target_logit exactly (float32).
     """
     ablated = ablated.float()
-    lp = torch.log_softmax(ablated, -1)  # (R, V)
+    lp = torch.log_softmax(ablated.double(), -1)  # (R, V), as the clean side: equal logits, KL 0
     clean_lp = torch.log_softmax(clean_logits.double(), -1)  # (V,)
-    kl = (clean_lp.exp() * (clean_lp - lp.double())).sum(-1)  # (R,)
+    kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)  # (R,)
     t_logit = ablated[:, target]
     top_v, top_i = ablated.topk(top_k, dim=-1)
+    top1 = ablated.argmax(-1)  # (R,) first index of the max, as clean_reference: ties agree
     return {
         A.TARGET_LOGIT: t_logit,
-        A.TARGET_PROB: lp[:, target].exp(),
+        A.TARGET_PROB: lp[:, target].exp().float(),
         A.TARGET_RANK: (ablated > t_logit[:, None]).sum(-1),
         A.LOGIT_DIFF: clean_logits.float()[target] - t_logit,
-        A.TOP1_ID: top_i[:, 0],
-        A.TOP1_PROB: lp.gather(-1, top_i[:, :1])[:, 0].exp(),
+        A.TOP1_ID: top1,
+        A.TOP1_PROB: lp.gather(-1, top1[:, None])[:, 0].exp().float(),
         A.KL: kl.clamp_min(0.0).float(),
         A.TOPK_IDS: top_i,
         A.TOPK_LOGITS: top_v,

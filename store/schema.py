@@ -197,7 +197,7 @@ class A:
     TARGET_RANK = Field("target_rank", ("M", "L", "U"), "int32", "target rank after ablation (0 = top-1)")
     LOGIT_DIFF = Field("logit_diff", ("M", "L", "U"), "float32",
                        "clean_target_logit minus ablated target logit")
-    TOP1_ID = Field("top1_id", ("M", "L", "U"), "int32", "top-1 token after ablation")
+    TOP1_ID = Field("top1_id", ("M", "L", "U"), "int32", "top-1 token after ablation (argmax: the lowest id on a tie)")
     TOP1_PROB = Field("top1_prob", ("M", "L", "U"), "float32", "its probability")
     KL = Field("kl", ("M", "L", "U"), "float32",
                "KL(clean || ablated) over the full vocabulary, nats (clean = the engine's clean logits)")
