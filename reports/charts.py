@@ -74,8 +74,8 @@ def lens_trajectory(df: pl.DataFrame, title: str) -> alt.Chart:
     white text on the dark (likely) cells, the target in red.
     """
     n_layers = max(1, df["layer"].n_unique()) if df.height else 1
-    df = df.with_columns(pl.when(pl.col("is_target")).then(pl.lit("#d62728"))
-                         .when(pl.col("prob") > 0.5).then(pl.lit("white")).otherwise(pl.lit("black")).alias("ink"))
+    df = df.with_columns(pl.when(pl.col("is_target")).then(pl.lit("target"))
+                         .when(pl.col("prob") > 0.5).then(pl.lit("on dark")).otherwise(pl.lit("on light")).alias("ink"))
     base = alt.Chart(_data(df.select("layer", "k", "token_text", "prob", "is_target", "ink")), title=title).encode(
         y=alt.Y("layer:O", title="layer", sort="ascending"),
         x=alt.X("k:O", title="rank under the logit lens (0 = top-1)", axis=alt.Axis(labelAngle=0, orient="top")),
@@ -86,7 +86,8 @@ def lens_trajectory(df: pl.DataFrame, title: str) -> alt.Chart:
     )
     text = base.mark_text(fontSize=12, limit=WIDTH // 3 - 12, font="monospace").encode(
         text="token_text:N",
-        color=alt.Color("ink:N", scale=None),
+        color=alt.Color("ink:N", legend=None, scale=alt.Scale(domain=["target", "on dark", "on light"],
+                                                               range=["#d62728", "white", "black"])),
     )
     return (rect + text).properties(width=WIDTH, height=20 * n_layers)
 
