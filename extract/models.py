@@ -121,10 +121,23 @@ def check_supported(cfg: Any) -> None:
         raise ModelError(
             f"model type {mt!r} is not supported; supported types: {', '.join(SUPPORTED_TYPES)}"
         )
+    check_not_quantised(cfg)
     if getattr(cfg, "use_sliding_window", False):
         raise ModelError("sliding-window attention is not supported (prompts are short: disable it)")
     if cfg.num_attention_heads % (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads):
         raise ModelError("query heads must be a multiple of KV heads")
+
+
+def check_not_quantised(cfg: Any) -> None:
+    """Refuse quantised checkpoints (AWQ, GPTQ, bitsandbytes, ...): the hooks, the ablation engine
+    and the stored activations need dense weights (the embedded GGUF is dequantised on conversion)."""
+    qc = getattr(cfg, "quantization_config", None)
+    if not qc:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method) or "unknown"
+    raise ModelError(f"this checkpoint is quantised (quant_method {method}), which is not supported: per-head "
+                     "outputs and ablations need dense weights; pass the unquantised model (float32 or bfloat16)")
 
 
 # -- resolving and loading -------------------------------------------------------------------
