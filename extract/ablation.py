@@ -82,21 +82,41 @@ MODE_NAMES: tuple[str, ...] = tuple(m.name.lower() for m in Mode)
 # -- numbers stored per (mode, layer, unit) ------------------------------------------------------
 
 
+def clean_reference(clean_logits: torch.Tensor, target: int) -> dict:
+    """The one clean reference of every ablation number, from the engine's clean logits (V,)."""
+    clean = clean_logits.float()
+    lp = torch.log_softmax(clean.double(), -1)  # (V,)
+    top1 = int(clean.argmax())  # first index of the max (ties broken as summarise does)
+    t_logit = clean[target]
+    return {
+        A.CLEAN_TOP1_ID: np.int32(top1),
+        A.CLEAN_TOP1_PROB: np.float32(lp[top1].exp()),
+        A.CLEAN_TARGET_LOGIT: np.float32(t_logit),
+        A.CLEAN_TARGET_PROB: np.float32(lp[target].exp()),
+        A.CLEAN_TARGET_RANK: np.int32((clean > t_logit).sum()),
+    }
+
+
 def summarise(ablated: torch.Tensor, clean_logits: torch.Tensor, target: int, top_k: int) -> dict:
-    """Per-row numbers from ablated logits (R, V) and the clean logits (V,), float32/64."""
+    """Per-row numbers from ablated logits (R, V) against the engine's clean logits (V,).
+
+    logit_diff and KL use the same clean logits that ``clean_reference`` summarises, so
+    logit_diff == clean_target_logit - target_logit exactly (float32).
+    """
     ablated = ablated.float()
-    lp = torch.log_softmax(ablated, -1)  # (R, V)
+    lp = torch.log_softmax(ablated.double(), -1)  # (R, V), as the clean side: equal logits, KL 0
     clean_lp = torch.log_softmax(clean_logits.double(), -1)  # (V,)
-    kl = (clean_lp.exp() * (clean_lp - lp.double())).sum(-1)  # (R,)
+    kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)  # (R,)
     t_logit = ablated[:, target]
     top_v, top_i = ablated.topk(top_k, dim=-1)
+    top1 = ablated.argmax(-1)  # (R,) first index of the max, as clean_reference: ties agree
     return {
         A.TARGET_LOGIT: t_logit,
-        A.TARGET_PROB: lp[:, target].exp(),
+        A.TARGET_PROB: lp[:, target].exp().float(),
         A.TARGET_RANK: (ablated > t_logit[:, None]).sum(-1),
-        A.LOGIT_DIFF: clean_logits[target].float() - t_logit,
-        A.TOP1_ID: top_i[:, 0],
-        A.TOP1_PROB: lp.gather(-1, top_i[:, :1])[:, 0].exp(),
+        A.LOGIT_DIFF: clean_logits.float()[target] - t_logit,
+        A.TOP1_ID: top1,
+        A.TOP1_PROB: lp.gather(-1, top1[:, None])[:, 0].exp().float(),
         A.KL: kl.clamp_min(0.0).float(),
         A.TOPK_IDS: top_i,
         A.TOPK_LOGITS: top_v,
@@ -120,11 +140,12 @@ def run_ablation(
 ) -> dict[str, float]:
     """Ablate every unit of every requested layer for each prompt without an ablation shard.
 
-    Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K])),
-    atomically; returns timings. With ``reference`` (prompt index -> the model's own logits at
-    the last position, as the extraction stored them) each shard also records invariant 6's
-    first half, checked on every run: the engine's own forward with nothing removed reproduces
-    the model (rel. error within ``tolerance``).
+    Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K]), and
+    the engine's clean reference ``clean_*``, axes ()), atomically; returns timings. Every
+    number is relative to that clean reference. With ``reference`` (prompt index -> the
+    model's own logits at the last position, as the extraction stored them) each shard also
+    records invariant 6's first half, checked on every run: the engine's own forward with
+    nothing removed reproduces the model (rel. error within ``tolerance``).
     """
     a = adapter.arch
     L = a.n_layers
@@ -160,6 +181,8 @@ def run_ablation(
             return  # rerun only as a member of its group; its shard exists
         stats = summarise(logits, clean, targets[p.index], top_k)
         st = acc.setdefault(p.index, {})
+        if A.CLEAN_TOP1_ID not in st:
+            st.update(clean_reference(clean, targets[p.index]))
         if reference is not None and A.VALIDATION not in st:
             model = torch.from_numpy(np.asarray(reference(p.index), np.float32)).to(clean.device)  # (V,)
             ((err, rel),) = invariant_errors(clean.float()[None], model[None])

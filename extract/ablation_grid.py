@@ -252,16 +252,17 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
         for j, p in enumerate(ps):
             mask[j, : p.n_tokens - 1] = False
         kidx = torch.tensor([g.keys[i][-1] for i in chunk], device=dev)[:, None, None]  # (B, 1, 1)
-        h = torch.zeros(B, 0, 1, D, dtype=dt, device=dev)
+        # Row 0 is the clean spine: nothing removed, from the embedding on. Every config starts
+        # from the spine's state at its layer and the spine's logits are the clean reference, so
+        # a unit that removes nothing gives bit for bit the reference (also in bfloat16).
+        h = torch.stack([g.suf_resid[i][0, -1] for i in chunk])[:, None, None]  # (B, 1, 1, D)
         for m in range(L):
             ab = None
             if m in starts:
-                new = torch.stack([g.suf_resid[i][m, -1] for i in chunk])  # (B, D) clean
-                h = torch.cat([h, new[:, None, None].expand(B, C, 1, D)], 1)
+                new = h[:, :1].expand(B, C, 1, D)  # the spine at block m: clean
+                h = torch.cat([h, new], 1)
                 ab = _ablate(keeps, means, tpl, m, kidx, (1, C, 1, -1),
                              sel=(slice(None), slice(h.shape[1] - C, None)))
-            if h.shape[1] == 0:
-                continue
             sk = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
             sv = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
             for j, i in enumerate(chunk):
@@ -275,11 +276,12 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
             h = block(ad, m, h, cos[pos][:, None], sin[pos][:, None], pos[:, None],  # (B, 1, rd)
                       sh_k=sk, sh_v=sv, sh_mask=mask, ab=ab).h
         R = h.shape[1]
-        assert len(spec.layers) * C == R, (R, C)
+        assert 1 + len(spec.layers) * C == R, (R, C)
         for j, i in enumerate(chunk):
-            logits = _logits(ad, h[j, :, 0])  # (L'*C, V), rows layer-major
+            logits = _logits(ad, h[j, :, 0])  # (1 + L'*C, V): the spine, then rows layer-major
+            g.clean_logits[i] = logits[0]
             for li in range(len(spec.layers)):
-                sink(i, li, logits[li * C : (li + 1) * C])
+                sink(i, li, logits[1 + li * C : 1 + (li + 1) * C])
         tick(B * len(spec.layers))
 
 

@@ -75,6 +75,12 @@ class ExtractConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in the manifest."""
 
+    def __post_init__(self) -> None:
+        from extract.prompts import check_chat_options
+
+        check_chat_options(chat=self.chat_template, system_prompt=self.system_prompt,
+                           chat_template_file=self.chat_template_file)
+
     def fingerprint_parts(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """What must match between a warehouse and a run that resumes it."""
         d = asdict(self)

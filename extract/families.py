@@ -89,6 +89,7 @@ def check_supported(cfg: Any) -> None:
                          "checkpoint (model type gemma3_text, Gemma3ForCausalLM)")
     if mt not in FAMILIES:
         raise ModelError(f"model type {mt!r} is not supported; supported types: {', '.join(SUPPORTED_TYPES)}")
+    check_not_quantised(cfg)
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     if cfg.num_attention_heads % kv:
         raise ModelError("query heads must be a multiple of KV heads")
@@ -108,6 +109,18 @@ def check_supported(cfg: Any) -> None:
             "full_attention" in layer_types:
         raise ModelError("a mistral config with mixed layer_types is not supported (HF's Mistral "
                          "ignores them; use the Ministral family)")
+
+
+def check_not_quantised(cfg: Any) -> None:
+    """Refuse quantised checkpoints (AWQ, GPTQ, bitsandbytes, ...): the hooks, the ablation engine
+    and the stored activations need dense weights (the embedded GGUF is dequantised on conversion)."""
+    qc = getattr(cfg, "quantization_config", None)
+    if not qc:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method) or "unknown"
+    raise ModelError(f"this checkpoint is quantised (quant_method {method}), which is not supported: per-head "
+                     "outputs and ablations need dense weights; pass the unquantised model (float32 or bfloat16)")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,17 @@ def sha(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_chat_options(*, chat: bool, system_prompt: str | None, chat_template_file: object | None) -> None:
+    """Refuse options that only apply to the chat template when it is switched off."""
+    if chat:
+        return
+    given = [o for o, v in (("--system-prompt", system_prompt), ("--chat-template", chat_template_file))
+             if v is not None]
+    if given:
+        raise PromptError(f"{' and '.join(given)} only apply with the chat template, which --no-chat-template "
+                          "switches off; drop one of them")
+
+
 def bos_id(tok) -> int:
     """The BOS to prepend: the tokenizer's, else <|endoftext|> (what TransformerLens uses for Qwen)."""
     if tok.bos_token_id is not None:
@@ -138,7 +149,9 @@ def build_prompts(
             enc = tok(text, add_special_tokens=not chat, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
             offsets = [tuple(o) for o in enc["offset_mapping"]]
-            if bos is not None:
+            if bos is not None and (not ids or ids[0] != bos):
+                # never two: a tokenizer that adds its BOS itself, or a chat template that
+                # starts with it (SmolLM2's <|im_start|>), already put it at position 0
                 ids.insert(0, bos)
                 offsets.insert(0, (0, 0))
             roles = []

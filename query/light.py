@@ -176,6 +176,11 @@ def _ablation_shard(s: Shards, p: int, topk: bool) -> dict[str, Any]:
             cols[fld.name] = s.r.read(fld, p, subdir=ABLATION_DIR).reshape(-1)
         cols["top1_text"] = s.text(cols["top1_id"])
         cols["positions"] = [positions] * mi.size
+        for fld in (A.CLEAN_TOP1_ID, A.CLEAN_TARGET_LOGIT, A.CLEAN_TARGET_PROB, A.CLEAN_TARGET_RANK):
+            cols[fld.name] = np.full(mi.size, s.r.read(fld, p, subdir=ABLATION_DIR)[()])
+        cols["clean_top1_text"] = s.text(cols["clean_top1_id"])
+        cols["top1_changed"] = cols["top1_id"] != cols["clean_top1_id"]
+        cols["rank_change"] = cols["target_rank"] - cols["clean_target_rank"]
     return cols
 
 

@@ -173,17 +173,26 @@ VIEWS: tuple[View, ...] = (
         HEAD.doc_as("head index for component 'head', else NULL"),
         Column("dla", "FLOAT", "contribution to the target logit (frozen final scale)"),
     )),
-    View("ablation", "per-unit ablation results at the last position (empty when not extracted)", _cols(
+    View("ablation", "per-unit ablation results at the last position (empty when not extracted); every "
+         "number is relative to one clean reference, the ablation engine's own clean forward "
+         "(clean_* columns), not prompts.top1_id/target_logit (the HF forward; in bfloat16 they differ)", _cols(
         PROMPT, MODE, BLOCK.doc_as("block index of the ablated unit"), *UNIT,
         Column("target_logit", "FLOAT", "target logit after ablation"),
         Column("target_prob", "FLOAT", "target probability after ablation"),
         Column("target_rank", "INTEGER", "target rank after ablation (0 = top-1)"),
-        Column("logit_diff", "FLOAT", "clean minus ablated target logit (> 0: the unit helped the target)"),
+        Column("logit_diff", "FLOAT", "clean_target_logit minus ablated target logit (> 0: the unit helped the target)"),
         Column("top1_id", "INTEGER", "top-1 token after ablation"),
         Column("top1_text", "VARCHAR", "its text"),
         Column("top1_prob", "FLOAT", "its probability"),
-        Column("kl", "FLOAT", "KL(clean || ablated), nats"),
+        Column("kl", "FLOAT", "KL(clean || ablated) with the engine's clean logits, nats"),
         Column("positions", "VARCHAR", "where the unit was removed: 'all' or 'last'"),
+        Column("clean_top1_id", "INTEGER", "top-1 token of the engine's clean forward (the reference of top1_changed)"),
+        Column("clean_top1_text", "VARCHAR", "its text"),
+        Column("clean_target_logit", "FLOAT", "target logit of the engine's clean forward (the reference of logit_diff)"),
+        Column("clean_target_prob", "FLOAT", "target probability of the engine's clean forward"),
+        Column("clean_target_rank", "INTEGER", "target rank of the engine's clean forward (the reference of rank_change)"),
+        Column("top1_changed", "BOOLEAN", "top1_id <> clean_top1_id: the ablation changes the answer"),
+        Column("rank_change", "INTEGER", "target_rank - clean_target_rank (> 0: the target fell)"),
     )),
     View("ablation_topk", "top-k tokens after each ablation (empty when not extracted)", _cols(
         PROMPT, MODE, BLOCK, *UNIT, K.doc_as("rank (0 = top-1)"), TOKEN_ID, TOKEN_TEXT,

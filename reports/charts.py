@@ -67,20 +67,29 @@ def lens_rank_heatmap(df: pl.DataFrame) -> alt.Chart:
 
 
 def lens_trajectory(df: pl.DataFrame, title: str) -> alt.Chart:
-    """lens_trajectory for one prompt: top-k token text per layer, shaded by probability."""
-    base = alt.Chart(_data(df.select("layer", "k", "token_text", "prob", "is_target")), title=title).encode(
-        x=alt.X("layer:O", title="layer"),
-        y=alt.Y("k:O", title="rank"),
+    """lens_trajectory for one prompt: top-k token text per layer, shaded by probability.
+
+    Layers run down the rows and the k ranks across, so each token's text is written
+    horizontally in a cell wide enough to read (12 px; long tokens are cut with an ellipsis);
+    white text on the dark (likely) cells, the target in red.
+    """
+    n_layers = max(1, df["layer"].n_unique()) if df.height else 1
+    df = df.with_columns(pl.when(pl.col("is_target")).then(pl.lit("target"))
+                         .when(pl.col("prob") > 0.5).then(pl.lit("on dark")).otherwise(pl.lit("on light")).alias("ink"))
+    base = alt.Chart(_data(df.select("layer", "k", "token_text", "prob", "is_target", "ink")), title=title).encode(
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        x=alt.X("k:O", title="rank under the logit lens (0 = top-1)", axis=alt.Axis(labelAngle=0, orient="top")),
     )
-    rect = base.mark_rect().encode(
+    rect = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("prob:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="prob"),
         tooltip=["layer:O", "k:O", "token_text:N", alt.Tooltip("prob:Q", format=".3f"), "is_target:N"],
     )
-    text = base.mark_text(fontSize=8, angle=270).encode(
+    text = base.mark_text(fontSize=12, limit=WIDTH // 3 - 12, font="monospace").encode(
         text="token_text:N",
-        color=alt.condition("datum.is_target", alt.value("#d62728"), alt.value("black")),
+        color=alt.Color("ink:N", legend=None, scale=alt.Scale(domain=["target", "on dark", "on light"],
+                                                               range=["#d62728", "white", "black"])),
     )
-    return (rect + text).properties(width=WIDTH, height=150)
+    return (rect + text).properties(width=WIDTH, height=20 * n_layers)
 
 
 def layer_head_heatmap(df: pl.DataFrame, value: str, title: str, scheme: str = "redblue",
@@ -95,12 +104,12 @@ def layer_head_heatmap(df: pl.DataFrame, value: str, title: str, scheme: str = "
     ).properties(width=260, height=420)
 
 
-def dla_vs_ablation_scatter(df: pl.DataFrame, n_label: int = 8) -> alt.Chart:
+def dla_vs_ablation_scatter(df: pl.DataFrame, n_label: int = 8, mode: str = "zero") -> alt.Chart:
     """dla_vs_ablation_heads: mean DLA (x) against mean ablation effect (y), top heads labelled."""
     df = df.with_columns(("L" + pl.col("layer").cast(pl.Utf8) + "H" + pl.col("head").cast(pl.Utf8)).alias("label"),
                          (pl.col("ablation_rank") <= n_label).alias("top"))
     base = alt.Chart(_data(df.select("label", "layer", "mean_dla", "mean_logit_diff", "mean_kl", "top")),
-                     title="Per head: direct logit attribution vs zero-ablation effect (mean over prompts)")
+                     title=f"Per head: direct logit attribution vs {mode}-ablation effect (mean over prompts)")
     points = base.mark_circle(size=40, opacity=0.7).encode(
         x=alt.X("mean_dla:Q", title="mean DLA to the target"),
         y=alt.Y("mean_logit_diff:Q", title="mean target-logit drop when ablated"),
@@ -143,9 +152,10 @@ def cosine_by_layer(df: pl.DataFrame, title: str) -> alt.Chart:
     return (band + line).properties(width=WIDTH, height=220)
 
 
-def block_ablation_lines(df: pl.DataFrame) -> alt.Chart:
+def block_ablation_lines(df: pl.DataFrame, mode: str = "zero") -> alt.Chart:
     """block_ablation: mean KL when the attention or MLP block of each layer is removed."""
-    return alt.Chart(_data(df), title="Whole-block zero ablation: KL(clean ‖ ablated) by layer").mark_line(point=True).encode(
+    title = f"Whole-block {mode} ablation: KL(clean ‖ ablated) by layer"
+    return alt.Chart(_data(df), title=title).mark_line(point=True).encode(
         x=alt.X("layer:Q"),
         y=alt.Y("mean_kl:Q", title="mean KL (nats)"),
         color=alt.Color("unit_kind:N", title="block"),

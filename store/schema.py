@@ -33,7 +33,9 @@ from typing import Literal
 SCHEMA_VERSION = 3
 # 2: ablation shards carry a validation dataset (ablation_clean_is_model)
 # 3: Fletcher32 on every dataset, HDF5 1.10 format, fixed-length strings, shards.sha256,
-#    writer.lock, a manifest "environments" list (one entry per run, resumes included)
+#    writer.lock, a manifest "environments" list (one entry per run, resumes included);
+#    ablation shards carry the engine's clean reference (clean_top1_id, clean_target_*);
+#    the model file carries final_softcap (model families)
 WAREHOUSE_KIND = "echo-warehouse"
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.h5"
@@ -207,17 +209,31 @@ MODEL_ATTRS: dict[str, str] = {
 
 
 class A:
-    """Fields of an ablation shard (``ablation/pNNNNN.h5``); axes (M, L, U[, K])."""
+    """Fields of an ablation shard (``ablation/pNNNNN.h5``); axes (M, L, U[, K]) or () (clean).
+
+    Every ablation number is relative to ONE clean reference: the ablation engine's own forward
+    with nothing removed (the ``clean_*`` fields), never the extraction's HF forward (in
+    bfloat16 the two differ, so a unit that changes nothing could look like a flip).
+    """
 
     TARGET_LOGIT = Field("target_logit", ("M", "L", "U"), "float32", "target logit after ablation")
     TARGET_PROB = Field("target_prob", ("M", "L", "U"), "float32", "target probability after ablation")
     TARGET_RANK = Field("target_rank", ("M", "L", "U"), "int32", "target rank after ablation (0 = top-1)")
-    LOGIT_DIFF = Field("logit_diff", ("M", "L", "U"), "float32", "clean minus ablated target logit")
-    TOP1_ID = Field("top1_id", ("M", "L", "U"), "int32", "top-1 token after ablation")
+    LOGIT_DIFF = Field("logit_diff", ("M", "L", "U"), "float32",
+                       "clean_target_logit minus ablated target logit")
+    TOP1_ID = Field("top1_id", ("M", "L", "U"), "int32", "top-1 token after ablation (argmax: the lowest id on a tie)")
     TOP1_PROB = Field("top1_prob", ("M", "L", "U"), "float32", "its probability")
-    KL = Field("kl", ("M", "L", "U"), "float32", "KL(clean || ablated) over the full vocabulary, nats")
+    KL = Field("kl", ("M", "L", "U"), "float32",
+               "KL(clean || ablated) over the full vocabulary, nats (clean = the engine's clean logits)")
     TOPK_IDS = Field("topk_ids", ("M", "L", "U", "K"), "int32", "top-k tokens after ablation")
     TOPK_LOGITS = Field("topk_logits", ("M", "L", "U", "K"), "float32", "their logits")
+    CLEAN_TOP1_ID = Field("clean_top1_id", (), "int32",
+                          "top-1 token of the engine's clean forward (the reference of every flip)")
+    CLEAN_TOP1_PROB = Field("clean_top1_prob", (), "float32", "its probability")
+    CLEAN_TARGET_LOGIT = Field("clean_target_logit", (), "float32",
+                               "target logit of the engine's clean forward (logit_diff's reference)")
+    CLEAN_TARGET_PROB = Field("clean_target_prob", (), "float32", "target probability, clean")
+    CLEAN_TARGET_RANK = Field("clean_target_rank", (), "int32", "target rank, clean (0 = top-1)")
     VALIDATION = Field("validation", ("I",), "compound",
                        "invariant checks of the ablation run (ablation_clean_is_model)", optional=True)
 

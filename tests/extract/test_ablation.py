@@ -8,8 +8,6 @@ on a few layers. Tolerance: 1e-4 on float32 logits, relative to max(1, max |logi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import h5py
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from extract.models import Adapter, load_model
 from extract.prompts import Prompt, build_prompts
 from store.schema import ABLATION_DIR, A, prompt_shard_name
 from store.warehouse import WarehouseWriter
+from tests.extract.hooked import hf_logits, one_unit
 
 TOL = 1e-4
 # "xylophone" splits into several tokens: prompts of one template get different lengths.
@@ -43,52 +42,9 @@ def setup(tiny_model_dir):
     return adapter, prompts
 
 
-def _mean_rows(means: abl.Means, p: Prompt, layer: int) -> tuple[torch.Tensor, ...]:
-    """The replacement values of every position of p: (T, H*hd), (T, D), (T, D)."""
-    idx = torch.tensor(means.maps[p.template_index].keys(p))
-    t = p.template_index
-    return means.z[t][layer][idx], means.attn[t][layer][idx], means.mlp[t][layer][idx]
-
-
-@contextmanager
 def _one_unit(adapter: Adapter, layer: int, unit: int, mode: str, means, p: Prompt, last: bool):
-    """Hooks removing ONE unit from an unmodified HF forward: what common tooling does."""
-    a = adapter.arch
-    H, hd, T = a.n_heads, a.head_dim, p.n_tokens
-    sel = slice(T - 1, T) if last else slice(0, T)
-    if mode == "mean":
-        z, at, ml = _mean_rows(means, p, layer)
-    else:
-        z, at, ml = torch.zeros(T, H * hd), torch.zeros(T, a.d_model), torch.zeros(T, a.d_model)
-    if unit < H:
-        cols = slice(unit * hd, (unit + 1) * hd)
-
-        def pre(mod, args):
-            x = args[0].clone()  # (1, T, H*hd)
-            x[0, sel, cols] = z[sel, cols]
-            return (x,)
-
-        h = adapter.o_proj(layer).register_forward_pre_hook(pre)
-    elif unit == H:
-        point, is_tuple = adapter.attn_point(layer)  # self_attn, or gemma's post-attention norm
-
-        def post_attn(mod, args, out):
-            o = (out[0] if is_tuple else out).clone()
-            o[0, sel] = at[sel]
-            return (o, *out[1:]) if is_tuple else o
-
-        h = point.register_forward_hook(post_attn)
-    else:
-        def post_mlp(mod, args, out):
-            o = out.clone()
-            o[0, sel] = ml[sel]
-            return o
-
-        h = adapter.mlp_point(layer).register_forward_hook(post_mlp)
-    try:
-        yield
-    finally:
-        h.remove()
+    """Hooks removing ONE unit from an unmodified HF forward of p (tests/extract/hooked.py)."""
+    return one_unit(adapter, layer, unit, mode, means, [p], last)
 
 
 def _grid(adapter, prompts, spec, means) -> dict[int, torch.Tensor]:
@@ -102,9 +58,8 @@ def _grid(adapter, prompts, spec, means) -> dict[int, torch.Tensor]:
     return {i: torch.stack([d[li] for li in range(len(spec.layers))]) for i, d in out.items()}
 
 
-@torch.no_grad()
 def _hf_logits(adapter: Adapter, p: Prompt) -> torch.Tensor:
-    return adapter.model(torch.tensor([p.input_ids]), logits_to_keep=1).logits[0, -1].float()
+    return hf_logits(adapter, [p])[0]
 
 
 def test_ablating_nothing_is_the_clean_run(setup):

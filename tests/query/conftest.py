@@ -158,6 +158,11 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32",
             s.put(A.KL, diff * 0.1)
             s.put(A.TOPK_IDS, np.stack([top1, top1, top1], axis=-1))
             s.put(A.TOPK_LOGITS, np.zeros((*diff.shape, 3)))
+            s.put(A.CLEAN_TOP1_ID, TOP1[i])  # the engine's clean reference
+            s.put(A.CLEAN_TOP1_PROB, 0.4)
+            s.put(A.CLEAN_TARGET_LOGIT, 7.0 + i)
+            s.put(A.CLEAN_TARGET_PROB, 0.5)
+            s.put(A.CLEAN_TARGET_RANK, int(TOP1[i] != tid))
             s.attrs({"prompt_index": i, "fingerprint": "test", "modes": ["zero", "mean"],
                      "positions": "all", "layers": np.arange(L), "n_heads": H})
     w.write_manifest()

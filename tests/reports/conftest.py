@@ -125,6 +125,11 @@ def build(root: Path, *, ablation: bool = True) -> Path:
             s.put(A.KL, diff * 0.1)
             s.put(A.TOPK_IDS, np.stack([new_top1] * K, axis=-1))
             s.put(A.TOPK_LOGITS, np.zeros((*diff.shape, K)))
+            s.put(A.CLEAN_TOP1_ID, top1)  # the engine's clean reference
+            s.put(A.CLEAN_TOP1_PROB, 0.4)
+            s.put(A.CLEAN_TARGET_LOGIT, 5.0)
+            s.put(A.CLEAN_TARGET_PROB, 0.5)
+            s.put(A.CLEAN_TARGET_RANK, int(top1 != tid))
             s.attrs({"prompt_index": i, "fingerprint": "planted", "modes": ["zero"], "positions": "all",
                      "layers": np.arange(L), "n_heads": H})
     w.write_manifest()

@@ -281,3 +281,74 @@ def test_lens_rank_heatmap(planted):
     assert rank["encoding"]["color"]["scale"]["type"] == "log"
     values = _values(rank)
     assert len(values) == 8 * (L + 1) and min(v["rank1"] for v in values) == 1
+
+
+# -- every ablation configuration (issue 8, item 3) --------------------------------------------
+
+MATRIX = {
+    "none": dict(ablation=()),
+    "zero": dict(ablation=("zero",)),
+    "mean": dict(ablation=("mean",)),
+    "zero+mean": dict(ablation=("zero", "mean")),
+    "last": dict(ablation=("mean",), ablate_positions="last"),
+    "layers": dict(ablation=("zero", "mean"), ablate_layers=(1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def matrix(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("matrix")
+    out = {}
+    for name, kw in MATRIX.items():
+        out[name] = root / name
+        extract(ExtractConfig(out=out[name], model=str(tiny_llama_dir), words=WORDS, progress=False,
+                              max_new_tokens=1, **kw), log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_report_builds_for_every_ablation_configuration(matrix, name, tmp_path):
+    kw = MATRIX[name]
+    r = CliRunner().invoke(main, ["report", "-w", str(matrix[name]), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    rep = build(matrix[name], words=("cat",))
+    by_title = {s.title: s for s in rep.sections}
+    summary = dict(by_title["Run summary"].tables[0][1].rows())
+    if not kw["ablation"]:
+        assert "no ablation data" in by_title["Ablation flips"].note and summary["ablation"] == "none"
+        return
+    modes = list(kw["ablation"])
+    shown = "zero" if "zero" in modes else "mean"
+    assert not by_title["DLA vs ablation"].note and not by_title["Ablation flips"].note
+    titles = [str(c.to_dict().get("title") or c.to_dict()["layer"][0].get("title")) for s in rep.sections
+              for c in s.charts]
+    assert sum(f"vs {shown}-ablation effect" in t for t in titles) == 1
+    assert [t for t in titles if t.startswith("Whole-block")] == [
+        f"Whole-block {m} ablation: KL(clean ‖ ablated) by layer" for m in modes]
+    layers = kw.get("ablate_layers", (0, 1, 2))
+    positions = kw.get("ablate_positions", "all")
+    assert summary["ablation"] == (f"{'+'.join(modes)} ablation, unit removed at "
+                                   f"{'all positions' if positions == 'all' else 'the last position only'}, "
+                                   f"layers {layers[0]}-{layers[-1]}")
+    # the block chart holds exactly the block_ablation rows of the ablated layers
+    with Warehouse(matrix[name]) as wh:
+        blocks = wh.run_analysis("block_ablation", mode=modes[-1])
+    assert set(blocks["layer"].to_list()) == set(layers)
+    chart = next(c.to_dict() for s in rep.sections for c in s.charts
+                 if str(c.to_dict().get("title")).startswith(f"Whole-block {modes[-1]}"))
+    assert len(chart["data"]["values"]) == blocks.height == 2 * len(layers)
+    assert any(f"({shown} mode)" in f or f"{shown} mode)" in f for f in rep.findings)
+
+
+def test_lens_trajectory_text_is_readable(planted):
+    """Token texts are written horizontally at 12 px, one row per layer, one column per rank."""
+    from tests.reports.conftest import L
+
+    specs = build(planted, words=("cat",)).chart_specs()
+    traj = _spec_by_title(specs, "“cat”, template 0")
+    rect, text = traj["layer"]
+    assert text["mark"]["type"] == "text" and text["mark"]["fontSize"] >= 11 and "angle" not in text["mark"]
+    assert text["encoding"]["y"]["field"] == "layer" and text["encoding"]["x"]["field"] == "k"
+    assert traj["height"] >= 18 * (L + 1)
+    inks = {v["token_text"]: v["ink"] for v in (_values(traj) if "data" in traj else _values(rect))}
+    assert inks["cat"] == "target"
