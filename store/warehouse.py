@@ -205,7 +205,7 @@ class WarehouseWriter:
                 )
             # Carried over: a resume adds to the record of the run, it does not replace it.
             manifest = {**manifest, "timings": old.get("timings", {}), "created": old.get("created"),
-                        "warnings": old.get("warnings", [])}
+                        "warnings": old.get("warnings", []), "placement": old.get("placement", [])}
         elif root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
             raise WarehouseError(
                 f"{root} exists and is not an echo-warehouse (no {MANIFEST_NAME}); "
