@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("echowh.cli_query", "query", "Run SQL or a named analysis over a warehouse."),
     "analyses": ("echowh.cli_query", "analyses", "List the named analyses and their parameters."),
     "report": ("echowh.cli_report", "report", "Write the self-contained HTML report of a warehouse."),
+    "export": ("echowh.cli_export", "export", "Export a warehouse as Parquet (hive-partitioned by template)."),
 }
 
 
