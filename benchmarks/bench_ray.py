@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -80,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     try:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as the local run (Ray's default is 15)
         ray.init(num_cpus=max(2, 2 * args.threads), include_dashboard=False, log_to_driver=False)
         try:
             t = time_runs(args, root)

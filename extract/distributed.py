@@ -178,6 +178,8 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
     placement: list[dict[str, Any]] = list(w.manifest.get("placement", []))
     started_ray = not ray.is_initialized()
     if started_ray:
+        # Ray runs workers at nice 15 unless told otherwise; the actors are this run's compute.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             ray.init(address=None if rc.address == "auto" else rc.address, log_to_driver=False,
                      include_dashboard=False)
