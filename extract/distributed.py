@@ -186,16 +186,19 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
         except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError ...
             raise RayError(f"cannot reach the Ray cluster at {rc.address}: "
                            f"{' '.join(str(e).split())[:300]}") from None
+    actors: list = []
     try:
-        pool = _pool(ray, cfg, rc, fp)
+        actors = _actors(ray, cfg, rc, fp)
+        from ray.util import ActorPool
+
+        pool = ActorPool(actors)
         last_write = [time.perf_counter()]
 
-        def collect(phase: str, jobs: list[list[int]], method: str, *args: Any) -> int:
+        def collect(phase: str, jobs: list[list[int]], method: str, *args: Any) -> None:
             bar = tqdm(total=sum(map(len, jobs)), unit="prompt", desc=f"{phase} (ray x{rc.workers})",
                        disable=not cfg.progress or not jobs, file=sys.stderr)
             for job in jobs:
                 pool.submit(lambda a, v: getattr(a, method).remote(v, *args), job)
-            n = 0
             try:
                 while pool.has_next():
                     try:
@@ -206,7 +209,6 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
                                        "resumable with --resume") from None
                     placement.append({"session": session, **{k: v for k, v in r.items() if k != "warnings"}})
                     w.warnings.extend(r["warnings"])
-                    n += len(r["written"])
                     bar.update(len(r["prompts"]))
                     if on_result is not None:
                         on_result(r)
@@ -215,12 +217,12 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
                         last_write[0] = time.perf_counter()
             finally:
                 bar.close()
-            return n
 
         t1 = time.perf_counter()
         jobs = [[p.index for p in b] for b in batches(prompts, cfg.batch_size)
                 if not all(p.index in done for p in b)]
-        n_extracted = collect("extract", jobs, "extract_batch")
+        collect("extract", jobs, "extract_batch")
+        n_extracted = len(w.done() - done)  # also what a killed attempt wrote before it died
         timings: dict[str, Any] = {"load_s": round(t_load, 3), "extract_s": round(time.perf_counter() - t1, 3),
                                    "extract_prompts": n_extracted}
         if cfg.ablation:
@@ -230,24 +232,25 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
             have = w.done(ABLATION_DIR)
             groups = [[p.index for p in g] for g in grid_groups(prompts)
                       if not all(p.index in have for p in g)]
-            n_abl = collect("ablation", groups, "ablate_group", targets)
+            collect("ablation", groups, "ablate_group", targets)
+            n_abl = len(w.done(ABLATION_DIR) - have)
             timings.update({"ablation_s": round(time.perf_counter() - t2, 3), "ablation_prompts": n_abl})
     except BaseException:
         w.write_manifest(placement=placement)  # what did finish, and where, survives a failed run
         raise
     finally:
+        for a in actors:
+            ray.kill(a)  # free the cluster's GPUs now, not when the job ends
         if started_ray:
             ray.shutdown()
     return finish_run(w, cfg, len(prompts), n_extracted, len(done), timings, t0, placement=placement,
                       ray={**rc.as_manifest(), "session": session})
 
 
-def _pool(ray, cfg: ExtractConfig, rc: RayConfig, fingerprint: str):
-    from ray.util import ActorPool
-
+def _actors(ray, cfg: ExtractConfig, rc: RayConfig, fingerprint: str) -> list:
     remote = ray.remote(Worker).options(
         num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
         max_restarts=rc.max_retries, max_task_retries=rc.max_retries,
     )
     wcfg = cfg if rc.gpus_per_worker > 0 or cfg.device != "auto" else dataclasses.replace(cfg, device="cpu")
-    return ActorPool([remote.remote(wcfg, fingerprint, rc.cpus_per_worker) for _ in range(rc.workers)])
+    return [remote.remote(wcfg, fingerprint, rc.cpus_per_worker) for _ in range(rc.workers)]
