@@ -185,3 +185,15 @@ def test_cli_without_ray_installed_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "Error: --ray needs Ray, an optional extra: pip install 'echo-warehouse[ray]' (or pip install 'ray==2.*')"]
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_worker_options_need_ray(tmp_path):
+    from click.testing import CliRunner
+
+    from echowh.cli import main
+
+    r = CliRunner().invoke(main, ["extract", "--workers", "2", "--out", str(tmp_path / "w")])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (
+        "Error: --workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    assert not (tmp_path / "w").exists()
