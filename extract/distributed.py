@@ -63,7 +63,8 @@ class RayConfig:
 
     address: str = "auto"
     """``auto``: the cluster in $RAY_ADDRESS or one started on this machine (``ray start``), else
-    a new local one; otherwise a cluster address (``HOST:PORT`` or ``ray://HOST:PORT``)."""
+    a new local one; otherwise a cluster address (``HOST:PORT`` or ``ray://HOST:PORT``). A
+    process already connected to Ray (``ray.init`` called) runs on that connection."""
     workers: int = 1
     """Actors in the pool; each loads the model once."""
     gpus_per_worker: float = 0.0
@@ -84,6 +85,20 @@ def import_ray():
     except ImportError:
         raise RayError(RAY_MISSING) from None
     return ray
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A named cluster address must accept a TCP connection (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayError(f"--ray {address}: give auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 class Worker:
@@ -162,6 +177,7 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
     ray = import_ray()
     if rc.workers < 1 or rc.cpus_per_worker < 1 or rc.gpus_per_worker < 0:
         raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+    check_reachable(rc.address)
     t0 = time.perf_counter()
     adapter, tok, ident, words, prompts = prepare(cfg)
     t_load = time.perf_counter() - t0

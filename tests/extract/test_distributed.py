@@ -197,3 +197,16 @@ def test_cli_worker_options_need_ray(tmp_path):
     assert r.output.strip().splitlines()[-1] == (
         "Error: --workers, --gpus-per-worker and --cpus-per-worker need --ray")
     assert not (tmp_path / "w").exists()
+
+
+def test_unreachable_cluster_is_one_line_before_any_work(tiny_qwen2_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RayError, match=rf"^cannot reach the Ray cluster at 127.0.0.1:{port}: "):
+        extract_ray(_cfg(tiny_qwen2_dir, tmp_path / "w"), RayConfig(address=f"127.0.0.1:{port}"))
+    with pytest.raises(RayError, match=r"give auto, HOST:PORT or ray://HOST:PORT"):
+        extract_ray(_cfg(tiny_qwen2_dir, tmp_path / "w"), RayConfig(address="nowhere"))
+    assert not (tmp_path / "w").exists()
