@@ -127,7 +127,8 @@ class Worker:
 
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(),
-                "hostname": socket.gethostname(), "pid": os.getpid()}
+                "hostname": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.adapter.lm_head.weight.device)}
 
     def extract_batch(self, indices: list[int]) -> dict[str, Any]:
         """Compute one batch; write the shards of its prompts that are still missing."""
@@ -179,7 +180,9 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
         raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
     check_reachable(rc.address)
     t0 = time.perf_counter()
-    adapter, tok, ident, words, prompts = prepare(cfg)
+    # The driver only writes the manifest and model.h5: it loads the model on its CPU (the head
+    # node need not have a GPU); the actors load it where cfg.device says.
+    adapter, tok, ident, words, prompts = prepare(dataclasses.replace(cfg, device="cpu"))
     t_load = time.perf_counter() - t0
     manifest = _manifest(cfg, adapter, tok, ident, words, prompts)
     w = WarehouseWriter.create(cfg.out, manifest, resume=cfg.resume)
