@@ -22,10 +22,11 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# Every benchmark (prints ratios, asserts nothing); the query and report ones read the main job's warehouse.
+# Every benchmark (prints ratios, asserts nothing; bench_ray starts a local Ray cluster); the query and report ones read the main job's warehouse.
 bench: setup
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_ablation.py
+	$(BIN)/python benchmarks/bench_ray.py
 	test -f $(OUT)/warehouse/manifest.json || $(MAKE) run
 	$(BIN)/python benchmarks/bench_query.py -w $(OUT)/warehouse
 	$(BIN)/python benchmarks/bench_report.py -w $(OUT)/warehouse

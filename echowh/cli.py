@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyses": ("echowh.cli_query", "analyses", "List the named analyses and their parameters."),
     "report": ("echowh.cli_report", "report", "Write the self-contained HTML report of a warehouse."),
     "verify": ("echowh.cli_verify", "verify", "Check a warehouse end to end (hashes, structure, invariants)."),
+    "export": ("echowh.cli_export", "export", "Export a warehouse as Parquet (hive-partitioned by template)."),
 }
 
 

@@ -94,10 +94,22 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
                    "position, or only at the last one (reuses the clean keys and values: faster).")
 @click.option("--ablate-layers", callback=_layers, default=None,
               help="Blocks to ablate, 0-based: all (default), 20,21,22, or 18-25 (both ends included).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|ADDRESS]",
+              help="Run the batches and ablation groups as tasks on a Ray cluster (optional extra: "
+                   "pip install 'echo-warehouse[ray]'). --ray or --ray auto: the cluster in $RAY_ADDRESS or "
+                   "one started here with `ray start`, else a new local one; or HOST:PORT / ray://HOST:PORT. "
+                   "--out must be a path every node sees (shared filesystem). Same results as a local run.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="With --ray: actors in the pool, each loading the model once.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="With --ray: GPUs reserved per actor (0.5 puts two actors on a GPU); > 0 runs on cuda.")
+@click.option("--cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
+              help="With --ray: CPUs reserved per actor, also its torch thread count.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def extract(model, out, resume, allow_env_change, words, templates, no_chat_template, chat_template_file, system_prompt,
             prepend_bos, dtype, device, store_dtype, max_new_tokens, top_k, head_out_all_positions,
-            batch_size, ablation, ablate_positions, ablate_layers, quiet) -> None:
+            batch_size, ablation, ablate_positions, ablate_layers, ray_address, workers, gpus_per_worker,
+            cpus_per_worker, quiet) -> None:
     """Run a model over words x templates and store every tensor the study needs.
 
     Writes a warehouse directory of immutable HDF5 shards (one per prompt) plus
@@ -117,6 +129,23 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
     from extract.run import extract as run_extract
     from store.warehouse import WarehouseError
 
+    ray_given = ray_address is not None
+    if not ray_given and (workers != 1 or gpus_per_worker or cpus_per_worker != 1):
+        raise click.UsageError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
+    if ray_given:
+        from extract.distributed import RayConfig, RayError, extract_ray, import_ray
+
+        try:
+            import_ray()
+        except RayError as e:
+            raise click.ClickException(str(e)) from None
+        rc = RayConfig(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                       cpus_per_worker=cpus_per_worker)
+        if gpus_per_worker and device == "auto":
+            device = "cuda"
+    errors: tuple[type[Exception], ...] = (ModelError, PromptError, WarehouseError)
+    if ray_given:
+        errors = (*errors, RayError)
     try:
         word_list = tuple(read_words(words)) if words is not None else None
         form = default_prompt_form(model)
@@ -135,8 +164,11 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
             ablate_positions=ablate_positions, ablate_layers=ablate_layers, progress=not quiet,
             extra={"command": " ".join(["echowh", *sys.argv[1:]])},
         )
-        summary = run_extract(cfg, log=lambda m: click.echo(m, err=True))
-    except (ModelError, PromptError, WarehouseError) as e:
+        if ray_given:
+            summary = extract_ray(cfg, rc, log=lambda m: click.echo(m, err=True))
+        else:
+            summary = run_extract(cfg, log=lambda m: click.echo(m, err=True))
+    except errors as e:
         raise click.ClickException(str(e)) from None
     _print_summary(summary)
     if summary.failed:

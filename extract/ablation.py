@@ -137,6 +137,8 @@ def run_ablation(
     progress: bool = True,
     reference: Callable[[int], np.ndarray] | None = None,
     tolerance: float = 1e-4,
+    means: Means | None = None,
+    only: Callable[[list[Prompt]], bool] = lambda g: True,
 ) -> dict[str, float]:
     """Ablate every unit of every requested layer for each prompt without an ablation shard.
 
@@ -145,7 +147,10 @@ def run_ablation(
     number is relative to that clean reference. With ``reference`` (prompt index -> the
     model's own logits at the last position, as the extraction stored them) each shard also
     records invariant 6's first half, checked on every run: the engine's own forward with
-    nothing removed reproduces the model (rel. error within ``tolerance``).
+    nothing removed reproduces the model (rel. error within ``tolerance``). ``means`` (from
+    ``compute_means`` over every prompt) skips recomputing them; only the groups of
+    ``grid_groups(prompts)`` for which ``only(group)`` is true are run (a Ray worker runs one
+    group per call).
     """
     a = adapter.arch
     L = a.n_layers
@@ -161,13 +166,15 @@ def run_ablation(
         raise ValueError(f"--ablate-layers {bad} outside 0..{L - 1}")
     t0 = time.perf_counter()
     done = writer.done(ABLATION_DIR)
-    pending = [p for p in prompts if p.index not in done]
+    mine = {p.index for g in grid_groups(prompts) if only(g) for p in g}
+    pending = [p for p in prompts if p.index not in done and p.index in mine]
     if not pending or not modes or not layers:
         return {"prompts": 0, "means_s": 0.0, "grid_s": 0.0}
     missing = [p.index for p in pending if p.index not in targets]
     if missing:
         raise ValueError(f"no target token for prompts {missing[:5]}")
-    means = compute_means(adapter, prompts, progress) if "mean" in modes else None
+    if means is None and "mean" in modes:
+        means = compute_means(adapter, prompts, progress)
     t1 = time.perf_counter()
     spec = GridSpec(tuple(modes), positions, layers)
     M, Lp = len(modes), len(layers)

@@ -205,6 +205,20 @@ def eos_ids(adapter: Adapter, tok) -> set[int]:
     return ids
 
 
+def compute_batch(adapter: Adapter, batch: list[Prompt], cfg: ExtractConfig, eos: set[int]) -> list[tuple]:
+    """One extraction batch (prompts of equal length): per prompt the arguments of
+    ``write_prompt`` after the warehouse writer, (prompt, form, target id, multi, derived, generation)."""
+    dev = adapter.lm_head.weight.device
+    ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
+    cap = capture(adapter, ids)
+    logits_np = cap.logits.cpu().numpy()  # (B, V)
+    chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
+    derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
+    gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
+    del cap
+    return [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)]
+
+
 def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     """Run the whole extraction (and ablation grid) into ``cfg.out``."""
     t0 = time.perf_counter()
@@ -228,7 +242,6 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
     pending = [p for p in prompts if p.index not in done]
     if done:
         log(f"resuming {cfg.out}: {len(done)} of {len(prompts)} prompts already stored")
-    dev = adapter.lm_head.weight.device
     eos = eos_ids(adapter, tok)
     tol = TOLERANCE[cfg.dtype]
 
@@ -238,7 +251,7 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
 
     def write_batch(items) -> None:
         for args in items:
-            _write_prompt(w, *args, tok, tol, manifest["fingerprint"])
+            write_prompt(w, *args, tok, tol, manifest["fingerprint"])
             bar.update(1)
 
     # One writer thread: a batch's shards are written while the next batch computes. At most
@@ -252,15 +265,7 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
         for batch in batches(prompts, cfg.batch_size or sizes(adapter).extract_batch):
             if all(p.index in done for p in batch):
                 continue
-            ids = torch.tensor([p.input_ids for p in batch], device=dev)  # (B, T)
-            cap = capture(adapter, ids)
-            logits_np = cap.logits.cpu().numpy()
-            chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
-            derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
-            gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
-            del cap
-            items = [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)
-                     if p.index not in done]
+            items = [it for it in compute_batch(adapter, batch, cfg, eos) if it[0].index not in done]
             if pending_write is not None:
                 pending_write.result()  # re-raises a failed write here
             pending_write = pool.submit(write_batch, items)
@@ -284,13 +289,20 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
             )
         t_abl = time.perf_counter() - t2
         timings.update({"ablation_s": round(t_abl, 3), **{f"ablation_{k}": v for k, v in (abl or {}).items()}})
+    return finish_run(w, cfg, len(prompts), len(pending), len(done), timings, t0)
+
+
+def finish_run(w: WarehouseWriter, cfg: ExtractConfig, n_prompts: int, n_extracted: int, n_skipped: int,
+               timings: dict[str, Any], t0: float, **record: Any) -> RunSummary:
+    """Validate every stored shard and write the final manifest (status, timings, validation);
+    ``record`` adds further manifest keys (a Ray run's placement)."""
     validation = summarise_validation(cfg.out)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     status = "complete" if all(v["passed"] for v in validation.values()) else "failed-validation"
     w.write_manifest(status=status, timings=accumulate_timings(w.manifest.get("timings", {}), timings),
                      validation=validation, warnings=sorted(set(w.manifest.get("warnings", []) + w.warnings)),
-                     completed=datetime.now(UTC).isoformat(timespec="seconds"))
-    return RunSummary(str(cfg.out), len(prompts), len(pending), len(done), validation, timings, w.warnings)
+                     completed=datetime.now(UTC).isoformat(timespec="seconds"), **record)
+    return RunSummary(str(cfg.out), n_prompts, n_extracted, n_skipped, validation, timings, w.warnings)
 
 
 def accumulate_timings(previous: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +317,7 @@ def accumulate_timings(previous: dict[str, Any], session: dict[str, Any]) -> dic
     return {**totals, "sessions": len(runs), "runs": runs}
 
 
-def _write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: bool, d, gen: list[int],
+def write_prompt(w: WarehouseWriter, p: Prompt, form: str, tid: int, multi: bool, d, gen: list[int],
                   tok, tol: float, fingerprint: str) -> None:
     text = tok.decode(gen, skip_special_tokens=True)
     rows = [(name, e[0], e[1], tol, bool(e[1] <= tol)) for name, e in d.errors.items()]

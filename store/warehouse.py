@@ -180,6 +180,7 @@ def _admit(root: Path, manifest: dict[str, Any], *, resume: bool, allow_env_chan
             )
     # Carried over: a resume adds to the record of the run, it does not replace it.
     return {**manifest, "timings": old.get("timings", {}), "created": old.get("created"),
+            "placement": old.get("placement", []),
             "warnings": old.get("warnings", []), "environments": [*before, *now]}
 
 
