@@ -79,17 +79,24 @@ def _hook(ad: Adapter, kind: K, layer: int, fn):
         h.remove()
 
 
+_CAPTURED: dict[tuple, torch.Tensor] = {}
+
+
 @torch.no_grad()
 def _capture(ad: Adapter, p: Prompt, kind: K, layer: int) -> torch.Tensor:
-    got = {}
+    """The source's activation at a point, (T, X), from a hooked HF forward (cached)."""
+    key = (id(ad), p.input_ids, _point(ad, kind, layer)[1], layer)
+    if key not in _CAPTURED:
+        got = {}
 
-    def read(x):
-        got["x"] = x[0].clone()
-        return x
+        def read(x):
+            got["x"] = x[0].clone()
+            return x
 
-    with _hook(ad, kind, layer, read):
-        ad.model(torch.tensor([p.input_ids]))
-    return got["x"]  # (T, X)
+        with _hook(ad, kind, layer, read):
+            ad.model(torch.tensor([p.input_ids]), logits_to_keep=1)
+        _CAPTURED[key] = got["x"]
+    return _CAPTURED[key]
 
 
 @torch.no_grad()
@@ -97,7 +104,7 @@ def _hooked(ad: Adapter, src: Prompt, dst: Prompt, pt: Patch) -> torch.Tensor:
     """The destination's last-position logits with one patch, from one hooked HF forward."""
     ids = torch.tensor([dst.input_ids])
     if pt.kind == K.NOTHING:
-        return ad.model(ids).logits[0, -1].float()
+        return ad.model(ids, logits_to_keep=1).logits[0, -1].float()
     s = _capture(ad, src, pt.kind, pt.layer)
     hd = ad.arch.head_dim
     sl = slice(pt.head * hd, (pt.head + 1) * hd) if pt.head >= 0 else slice(None)
@@ -109,7 +116,7 @@ def _hooked(ad: Adapter, src: Prompt, dst: Prompt, pt: Patch) -> torch.Tensor:
         return x
 
     with _hook(ad, pt.kind, pt.layer, write):
-        return ad.model(ids).logits[0, -1].float()
+        return ad.model(ids, logits_to_keep=1).logits[0, -1].float()
 
 
 # -- alignment ------------------------------------------------------------------------------
@@ -151,8 +158,10 @@ def test_parse_pairs():
 
 @pytest.mark.parametrize("tpl", [(0, 1), (0, 2)])
 def test_batched_grid_equals_hooked_forwards(setup, tpl):
+    """Every patch of both directions: "cat" for 0:1 (equal lengths), "xylophone" for 0:2 (the
+    middles differ in length: unpatchable positions, a shifted tail)."""
     ad, prompts = setup
-    pairs = build_pairs(prompts, [tpl])
+    pairs = [p for p in build_pairs(prompts, [tpl]) if p.word == ("cat" if tpl == (0, 1) else "xylophone")]
     rope = ad.rope(max(p.n_tokens for p in prompts))
     worst = 0.0
     for pr in pairs:
@@ -181,8 +190,9 @@ def test_invariants_nothing_and_embeddings(setup):
         assert s.n_tokens == d.n_tokens
         res = patch_direction(ad, s.input_ids, d.input_ids, align(d, s), d.candidates[0][1], rope)
         kinds = [p.kind for p in res["patches"]]
-        ref_s = ad.model(torch.tensor([s.input_ids])).logits[0, -1].float()
-        ref_d = ad.model(torch.tensor([d.input_ids])).logits[0, -1].float()
+        with torch.no_grad():
+            ref_s = ad.model(torch.tensor([s.input_ids])).logits[0, -1].float()
+            ref_d = ad.model(torch.tensor([d.input_ids])).logits[0, -1].float()
         assert _err(res["logits"][kinds.index(K.RESID_ALL)], ref_s) <= TOL
         assert _err(res["logits"][kinds.index(K.NOTHING)], ref_d) <= TOL
         m = res["metrics"]
@@ -261,7 +271,7 @@ def test_attribution_equals_finite_difference(tiny_qwen2_dir):
                     x[0, t, sl] = x[0, t, sl] + e * (xs[j, sl] - x[0, t, sl])
                 return x
             with torch.no_grad(), _hook(ad, pt.kind, pt.layer, write):
-                lg = ad.model(torch.tensor([d.input_ids])).logits[0, -1]
+                lg = ad.model(torch.tensor([d.input_ids]), logits_to_keep=1).logits[0, -1]
             return float(lg[t0] - lg[t1])
 
         fd = (ld_at(eps) - ld_at(-eps)) / (2 * eps)
