@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from extract.capture import invariant_errors
 from extract.families import Adapter
-from extract.patching_grid import Patch, Rec, attribute, plan, record, run_patches
+from extract.patching_grid import Patch, attribute, plan, record, run_patches
 from extract.patching_pairs import Alignment, Pair, align
 from store.schema import PATCHING_DIR, PT
 from store.schema import PatchKind as K

@@ -64,10 +64,10 @@ def align(dst: Prompt, src: Prompt) -> Alignment:
     d, s = dst.input_ids, src.input_ids
     n = min(len(d), len(s))
     P = 0
-    while P < n and d[P] == s[P]:
+    while n > P and d[P] == s[P]:
         P += 1
     Q = 0
-    while Q < n - P and d[-1 - Q] == s[-1 - Q]:
+    while n - P > Q and d[-1 - Q] == s[-1 - Q]:
         Q += 1
     mid_d, mid_s = len(d) - P - Q, len(s) - P - Q
     out = []

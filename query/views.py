@@ -218,6 +218,10 @@ key_role TINYINT | role of the key position (0 = first)
 weight FLOAT | attention weight"""), heavy=True,
         pushable=frozenset({"prompt", "layer", "head", "query_pos", "query_role"})),
 )
+# Activation-patching views live in their own module; they join the catalogue here.
+from query import patching_views  # noqa: E402  (needs View and _c above)
+
+VIEWS = VIEWS + patching_views.views()
 VIEW_BY_NAME: dict[str, View] = {v.name: v for v in VIEWS}
 ROLE_NAMES = {int(r): r.name.lower() for r in Role}
 
@@ -337,6 +341,8 @@ class Loader:
 
     # -- light views -----------------------------------------------------------------------
     def load(self, name: str) -> pa.Table:
+        if name in patching_views.NAMES:
+            return patching_views.load(self, name)
         return getattr(self, f"_v_{name}")()
 
     def _v_prompts(self) -> pa.Table:

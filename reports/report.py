@@ -18,7 +18,7 @@ import polars as pl
 import vl_convert as vlc
 
 from query import Warehouse
-from reports import charts
+from reports import charts, patching
 
 
 class ReportError(Exception):
@@ -257,6 +257,11 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
                                 charts=[charts.top_heads_bars(cons)], tables=[("top_heads_consistency", cons)],
                                 note=note))
         sections.append(Section("Ablation flips", note=note))
+
+    # -- activation patching (its own module) ------------------------------------------------
+    parts, patching_findings = patching.build(wh, templates, words)
+    sections.append(Section(**parts))
+    findings += patching_findings
 
     # -- attention to the first token --------------------------------------------------------
     att = run("first_token_attention_grid")
