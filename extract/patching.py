@@ -83,9 +83,20 @@ def patch_direction(ad: Adapter, src_ids: Sequence[int], dst_ids: Sequence[int],
     assert grads is not None
     a = ad.arch
     patches = plan(a.n_layers, a.n_heads, al.dst_to_src, al.shared_prefix, dst_ids, src_ids)
-    logits = run_patches(ad, dst0, src, patches, rope, tick)
-    return {"patches": patches, "logits": logits, "src": src, "dst": dst0,
-            "metrics": metrics(logits, src.logits, dst0.logits, (t0, t1), target),
+    out: dict[str, torch.Tensor] = {}
+    checks: dict[K, torch.Tensor] = {}
+
+    def sink(idx: list[int], lg: torch.Tensor) -> None:
+        at = torch.tensor(idx)
+        for j in range(0, len(idx), 64):  # float64 log-softmax over V: 64 rows at a time
+            for k, v in metrics(lg[j : j + 64], src.logits, dst0.logits, (t0, t1), target).items():
+                out.setdefault(k, torch.zeros(len(patches), dtype=v.dtype))[at[j : j + 64]] = v.cpu()
+        for j, i in enumerate(idx):
+            if patches[i].kind in (K.NOTHING, K.RESID_ALL):
+                checks[patches[i].kind] = lg[j].float().cpu()
+
+    run_patches(ad, dst0, src, patches, rope, tick, sink=sink)
+    return {"patches": patches, "checks": checks, "src": src, "dst": dst0, "metrics": out,
             "attribution": attribute(ad, dst, src, grads, patches), "toks": (t0, t1), "rule": rule,
             "ld_source": float(src.logits[t0] - src.logits[t1]),
             "ld_dest": float(dst0.logits[t0] - dst0.logits[t1])}
@@ -147,7 +158,7 @@ def _one_pair(ad, pr: Pair, targets, writer, fingerprint, reference, tolerance, 
         al = align(d, s)
         res = patch_direction(ad, s.input_ids, d.input_ids, al, targets[d.index], rope, tick)
         rows = _rows(res["patches"], r)
-        rows.update({k: v.cpu().numpy() for k, v in res["metrics"].items()})
+        rows.update({k: v.numpy() for k, v in res["metrics"].items()})
         rows[PT.ATTRIBUTION.name] = res["attribution"].float().numpy()
         for k, v in rows.items():
             cols.setdefault(k, []).append(v)
@@ -161,13 +172,11 @@ def _one_pair(ad, pr: Pair, targets, writer, fingerprint, reference, tolerance, 
         ref_d = torch.from_numpy(np.asarray(reference(d.index), np.float32))
         clean = torch.stack([res["src"].logits.float().cpu(), res["dst"].logits.float().cpu()])
         checks.append(("patch_clean_is_model", *invariant_errors(clean, torch.stack([ref_s, ref_d]))[0]))
-        kinds = [p.kind for p in res["patches"]]
-        lg = res["logits"].float().cpu()
-        checks.append(("patch_nothing_is_dest", *invariant_errors(lg[kinds.index(K.NOTHING)][None], ref_d[None])[0]))
-        full = (d.n_tokens == s.n_tokens and not al.unpatchable and K.RESID_ALL in kinds)
+        lg = res["checks"]
+        checks.append(("patch_nothing_is_dest", *invariant_errors(lg[K.NOTHING][None], ref_d[None])[0]))
+        full = (d.n_tokens == s.n_tokens and not al.unpatchable and K.RESID_ALL in lg)
         if full:
-            checks.append(("patch_embed_all_is_source",
-                           *invariant_errors(lg[kinds.index(K.RESID_ALL)][None], ref_s[None])[0]))
+            checks.append(("patch_embed_all_is_source", *invariant_errors(lg[K.RESID_ALL][None], ref_s[None])[0]))
             embed_note.append("checked")
         else:
             embed_note.append(f"not applicable: lengths {s.n_tokens}/{d.n_tokens}, "

@@ -36,6 +36,7 @@ from extract.families import Adapter
 from store.schema import PatchKind as K
 
 ROWS_PER_PASS = 2048  # (patch, position) rows per block call at a chunk's widest block
+MAX_PATCHES = 256  # patches per chunk: bounds the (n, V) logits held at once
 _RESID = (K.RESID, K.RESID_ALL)
 
 
@@ -185,17 +186,26 @@ def _wave(ad: Adapter, dst: Rec, src: Rec, pts: list[Patch], p: int, rope) -> to
 
 
 def run_patches(ad: Adapter, dst: Rec, src: Rec, patches: Sequence[Patch], rope,
-                tick: Callable[[int], None] = lambda n: None) -> torch.Tensor:
-    """(C, V) float32 logits at the destination's last position, one row per patch."""
+                tick: Callable[[int], None] = lambda n: None,
+                sink: Callable[[list[int], torch.Tensor], None] | None = None) -> torch.Tensor | None:
+    """Float32 logits at the destination's last position, one row per patch.
+
+    Without ``sink``: returned whole, (C, V). With it: handed over per chunk as
+    sink(patch indices, (n, V) logits) and never held together (C x V is ~1 GB for SmolLM2).
+    """
     T = dst.resid.shape[1]
-    out = torch.empty(len(patches), dst.logits.shape[-1], device=dst.logits.device)
+    out = None if sink is not None else torch.empty(len(patches), dst.logits.shape[-1], device=dst.logits.device)
     by_start: dict[int, list[int]] = defaultdict(list)
     for i, pt in enumerate(patches):
         by_start[pt.start].append(i)
     for p in sorted(by_start):
         idx = sorted(by_start[p], key=lambda i: patches[i].start_layer)
-        for chunk in _chunks(idx, ROWS_PER_PASS // (T - p)):
-            out[torch.tensor(chunk, device=out.device)] = _wave(ad, dst, src, [patches[i] for i in chunk], p, rope)
+        for chunk in _chunks(idx, min(MAX_PATCHES, ROWS_PER_PASS // (T - p))):
+            lg = _wave(ad, dst, src, [patches[i] for i in chunk], p, rope)
+            if out is None:
+                sink(chunk, lg)  # type: ignore[misc]
+            else:
+                out[torch.tensor(chunk, device=out.device)] = lg
             tick(len(chunk))
     return out
 
