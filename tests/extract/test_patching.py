@@ -258,7 +258,7 @@ def test_attribution_equals_finite_difference(tiny_qwen2_dir):
     sample = [i for i, p in enumerate(pts) if p.kind != K.NOTHING]
     sample = sorted(rng.sample(sample, 24))
     hd = ad.arch.head_dim
-    eps = 1e-3
+    eps = 4e-2
     for i in sample:
         pt = pts[i]
         xs = _capture(ad, s, pt.kind, pt.layer)
@@ -274,7 +274,11 @@ def test_attribution_equals_finite_difference(tiny_qwen2_dir):
                 lg = ad.model(torch.tensor([d.input_ids]), logits_to_keep=1).logits[0, -1]
             return float(lg[t0] - lg[t1])
 
-        fd = (ld_at(eps) - ld_at(-eps)) / (2 * eps)
+        # Richardson-extrapolated central differences: O(eps^4) truncation, while the float32
+        # softmax inside HF's (and our) attention keeps the rounding noise at ~1e-7 / eps
+        d1 = (ld_at(eps) - ld_at(-eps)) / (2 * eps)
+        d2 = (ld_at(eps / 2) - ld_at(-eps / 2)) / eps
+        fd = (4 * d2 - d1) / 3
         assert abs(float(att[i]) - fd) <= 1e-4 * max(1.0, abs(fd)), (pt, float(att[i]), fd)
 
 
