@@ -146,5 +146,9 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
                       "shared_prefix, n_unpatchable FROM patching_pairs ORDER BY pair, direction, word")),
               ("Top heads by recovery, with DLA and ablation ranks (patching_top_heads)", heads),
               ("Attribution vs exact per kind and layer (patching_attribution)", attr),
-              ("Largest attribution errors (patching_disagreements)", worst)]
+              ("Largest attribution errors (patching_disagreements)", worst),
+              ("Patching invariants, worst over pairs (patching_validation)",
+               wh.sql("SELECT invariant, count(*) AS n_shards, max(rel_err) AS max_rel_err, any_value(tolerance) "
+                      "AS tolerance, bool_and(passed) AS passed FROM patching_validation GROUP BY invariant "
+                      "ORDER BY invariant"))]
     return {"title": TITLE, "intro": INTRO, "charts": charts, "tables": tables}, findings
