@@ -287,6 +287,8 @@ def test_attribution_equals_finite_difference(tiny_qwen2_dir):
 
 def test_run_patching_writes_shards_and_resumes(setup, tmp_path):
     ad, prompts = setup
+    if ad.arch.model_type != "llama":
+        pytest.skip("shards are family-independent: written once (the engine is checked on both families)")
     w = WarehouseWriter.create(tmp_path / "w", {"fingerprint": "x", "fingerprint_parts": {}}, resume=False)
     targets = {p.index: p.candidates[0][1] for p in prompts}
     refs = {p.index: ad.model(torch.tensor([p.input_ids])).logits[0, -1].float().detach().numpy()
