@@ -25,9 +25,9 @@ WITH r AS (
 )
 SELECT pair, direction, kind, layer, count(*) AS n,
        corr(ra, re) AS spearman, corr(attribution, ld_change) AS pearson,
-       avg(abs(attribution - ld_change)) AS mean_abs_error,
+       avg(abs(attribution - ld_change))::DOUBLE AS mean_abs_error,
        avg(abs(attribution - ld_change)) / nullif(avg(abs(ld_change)), 0) AS rel_error,
-       max(abs(attribution - ld_change)) AS max_abs_error
+       max(abs(attribution - ld_change))::DOUBLE AS max_abs_error
 FROM r
 GROUP BY pair, direction, kind, layer
 ORDER BY pair, direction, kind, layer
