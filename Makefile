@@ -27,6 +27,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_ablation.py
 	$(BIN)/python benchmarks/bench_ray.py
+	$(BIN)/python benchmarks/bench_patching.py
 	test -f $(OUT)/warehouse/manifest.json || $(MAKE) run
 	$(BIN)/python benchmarks/bench_query.py -w $(OUT)/warehouse
 	$(BIN)/python benchmarks/bench_report.py -w $(OUT)/warehouse

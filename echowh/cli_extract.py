@@ -48,6 +48,20 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+def _pairs(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | None:
+    """``a:b,c:d`` -> ((a, b), (c, d)); checked against the templates when the run starts."""
+    if value is None:
+        return None
+    out = []
+    for part in value.split(","):
+        try:
+            a, b = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise click.BadParameter(f"{part.strip()!r} is not a:b (0-based template numbers, e.g. 0:1)") from None
+        out.append((a, b))
+    return tuple(out)
+
+
 @click.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
               help="Hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), a local model folder, or the "
@@ -105,11 +119,19 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="With --ray: GPUs reserved per actor (0.5 puts two actors on a GPU); > 0 runs on cuda.")
 @click.option("--cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
               help="With --ray: CPUs reserved per actor, also its torch thread count.")
+@click.option("--patching/--no-patching", default=False, show_default=True,
+              help="Run the activation-patching grid after extraction: for each word and template pair, "
+                   "patch every residual (boundary, position), attention/MLP block output, and head (all "
+                   "positions and per position) from one prompt into the other, both directions, exact "
+                   "and attribution (stored under patching/). Off by default: see README 'Activation patching'.")
+@click.option("--patch-pairs", callback=_pairs, default=None,
+              help="Template pairs to patch as a:b, comma-separated, 0-based (e.g. 0:1,0:2); both directions "
+                   "run for each. Default: 0:1 (the first two templates). Implies nothing without --patching.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def extract(model, out, resume, allow_env_change, words, templates, no_chat_template, chat_template_file, system_prompt,
             prepend_bos, dtype, device, store_dtype, max_new_tokens, top_k, head_out_all_positions,
             batch_size, ablation, ablate_positions, ablate_layers, ray_address, workers, gpus_per_worker,
-            cpus_per_worker, quiet) -> None:
+            cpus_per_worker, patching, patch_pairs, quiet) -> None:
     """Run a model over words x templates and store every tensor the study needs.
 
     Writes a warehouse directory of immutable HDF5 shards (one per prompt) plus
@@ -161,7 +183,8 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
             prepend_bos=prepend_bos, max_new_tokens=max_new_tokens, top_k=top_k,
             store_dtype=store_dtype, head_out_all_positions=head_out_all_positions,
             batch_size=batch_size, resume=resume, allow_env_change=allow_env_change, ablation=ablation,
-            ablate_positions=ablate_positions, ablate_layers=ablate_layers, progress=not quiet,
+            ablate_positions=ablate_positions, ablate_layers=ablate_layers, patching=patching,
+            patch_pairs=patch_pairs, progress=not quiet,
             extra={"command": " ".join(["echowh", *sys.argv[1:]])},
         )
         if ray_given:

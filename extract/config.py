@@ -70,6 +70,10 @@ class ExtractConfig:
     """(fingerprint) Remove a unit's output at every position, or at the last one only."""
     ablate_layers: tuple[int, ...] | None = None
     """(fingerprint) Layers whose heads and blocks are ablated; None = all layers."""
+    patching: bool = False
+    """(fingerprint) Run the activation-patching grid between template pairs (extract.patching)."""
+    patch_pairs: tuple[tuple[int, int], ...] | None = None
+    """(fingerprint) Template pairs (a, b) to patch, both directions; None = the first two."""
     progress: bool = True
     """Show progress bars on stderr."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -89,14 +93,18 @@ class ExtractConfig:
             "store_dtype", "head_out_all_positions", "ablation", "ablate_positions",
             "ablate_layers",
         }
+        if self.patching:  # absent when off: warehouses made before patching existed still resume
+            keep |= {"patching", "patch_pairs"}
         parts = {k: d[k] for k in sorted(keep)}
         parts["templates"] = list(self.templates)
         for k, v in parts.items():
             if isinstance(v, tuple):
-                parts[k] = list(v)
+                parts[k] = [list(x) if isinstance(x, tuple) else x for x in v]
         parts.update(resolved)  # model identity, words, tokenizer/template hashes
         return parts
 
     def as_manifest(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        return {k: (str(v) if isinstance(v, Path) else
+                    [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v)
+                for k, v in d.items()}

@@ -34,6 +34,7 @@ from store.lock import refuse_if_writing
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
+    PATCHING_DIR,
     PROMPTS_DIR,
     TOLERANCE,
     A,
@@ -117,6 +118,11 @@ def prepare(cfg: ExtractConfig):
     _apply_chat_template_choice(tok, cfg)
     adapter = Adapter(model)
     check_layers(cfg.ablate_layers, adapter.arch.n_layers)
+    if cfg.patching:
+        from extract.patching_pairs import parse_pairs
+
+        parse_pairs(",".join(f"{a}:{b}" for a, b in cfg.patch_pairs) if cfg.patch_pairs else None,
+                    len(cfg.templates))  # refuse bad pairs before any work
     prompts = build_prompts(
         tok, words, cfg.templates, chat=cfg.chat_template,
         system_prompt=cfg.system_prompt, prepend_bos=cfg.prepend_bos,
@@ -289,6 +295,19 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
             )
         t_abl = time.perf_counter() - t2
         timings.update({"ablation_s": round(t_abl, 3), **{f"ablation_{k}": v for k, v in (abl or {}).items()}})
+    if cfg.patching:
+        from extract.patching import run_patching
+        from extract.patching_pairs import build_pairs
+
+        t3 = time.perf_counter()
+        with WarehouseReader(cfg.out) as stored:
+            targets = {i: int(a["target_id"]) for i, a in stored.iter_prompts()}
+            pat = run_patching(
+                adapter, build_pairs(prompts, cfg.patch_pairs or ((0, 1),)), targets, w,
+                fingerprint=manifest["fingerprint"], reference=lambda i: stored.read(F.FINAL_LOGITS, i),
+                tolerance=tol, progress=cfg.progress,
+            )
+        timings.update({"patching_s": round(time.perf_counter() - t3, 3), "patching_pairs": pat["pairs"]})
     return finish_run(w, cfg, len(prompts), len(pending), len(done), timings, t0)
 
 
@@ -347,7 +366,12 @@ def summarise_validation(root) -> dict[str, dict[str, Any]]:
     prompts failed; only the invariants this run checked appear, in INVARIANTS order."""
     seen: dict[str, dict[str, Any]] = {}
     with WarehouseReader(root) as r:
-        for subdir, indices in ((PROMPTS_DIR, r.prompt_indices()), (ABLATION_DIR, r.ablation_indices())):
+        folders = [(PROMPTS_DIR, r.prompt_indices()), (ABLATION_DIR, r.ablation_indices())]
+        patching = r.root / PATCHING_DIR
+        if patching.is_dir():  # patching/<a>-<b>/: same validation dtype (store.schema.PT)
+            folders += [(f"{PATCHING_DIR}/{d.name}", r.prompt_indices(f"{PATCHING_DIR}/{d.name}"))
+                        for d in sorted(patching.iterdir()) if d.is_dir()]
+        for subdir, indices in folders:
             for i in indices:
                 fld = F.VALIDATION if subdir == PROMPTS_DIR else A.VALIDATION
                 if not r.has(fld, i, subdir):

@@ -256,3 +256,8 @@ LIGHT: dict[str, Callable[[Shards], pa.Table]] = {
     "ablation_topk": lambda s: _ablation(s, topk=True), "validation": _validation, "manifest": _manifest,
     "heads": _heads, "vocab": _vocab,
 }
+
+# Activation-patching views (query.patching_views) read their own shards.
+from query import patching_views  # noqa: E402
+
+LIGHT.update({name: (lambda s, n=name: patching_views.load(s, n)) for name in patching_views.NAMES})

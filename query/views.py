@@ -254,6 +254,10 @@ FROM logit_lens GROUP BY prompt""",
                                      Axis("key_pos", role="key_role", narrows=False)),
                    "weight", causal=("query_pos", "key_pos"))),
 )
+# Activation-patching views live in their own module; they join the catalogue here.
+from query import patching_views  # noqa: E402  (needs View and Column above)
+
+VIEWS = VIEWS + patching_views.views()
 VIEW_BY_NAME: dict[str, View] = {v.name: v for v in VIEWS}
 
 _ARROW: dict[str, pa.DataType] = {

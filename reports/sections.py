@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from query import Warehouse
-from reports import charts
+from reports import charts, patching
 from reports.model import Section, visible
 
 
@@ -313,4 +313,5 @@ def cosine(ctx: Ctx) -> list[Section]:
 
 SECTIONS: tuple[Callable[[Ctx], list[Section]], ...] = (
     run_summary, echo_behaviour, emergence, logit_lens, head_dla, ablation_sections, first_token_attention, cosine,
+    patching.section,
 )

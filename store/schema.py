@@ -41,6 +41,7 @@ MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.h5"
 PROMPTS_DIR = "prompts"
 ABLATION_DIR = "ablation"
+PATCHING_DIR = "patching"  # patching/<a>-<b>/pNNNNN.h5: one shard per (template pair, word)
 PARTIAL_SUFFIX = ".partial"
 LEDGER_NAME = "shards.sha256"
 LOCK_NAME = "writer.lock"
@@ -162,6 +163,11 @@ INVARIANTS: dict[str, str] = {
     "lens_last_is_logits": "logit lens at the last boundary == model logits (full vocabulary)",
     "ablation_clean_is_model": "the ablation engine's own forward, removing nothing, == model logits "
                                "(full vocabulary; stored in the ablation shard)",
+    "patch_clean_is_model": "the patching engine's clean forwards of both prompts == model logits "
+                            "(full vocabulary; stored in the patching shard)",
+    "patch_nothing_is_dest": "the batched patching grid, patching nothing, == the destination's model logits",
+    "patch_embed_all_is_source": "patching the residual at boundary 0 at every position == the source's "
+                                 "model logits (prompts of equal length whose positions all align)",
 }
 VALIDATION_DTYPE = [
     ("invariant", "S32"),
@@ -257,3 +263,62 @@ ABLATION_ATTRS: dict[str, str] = {
 def prompt_shard_name(index: int) -> str:
     """File name of a prompt's shard, the same in prompts/ and ablation/."""
     return f"p{index:05d}.h5"
+
+
+class PatchKind(enum.IntEnum):
+    """What a patch puts from the source run into the destination run (``kind`` of a row)."""
+
+    RESID = 0  # residual stream at boundary ``layer`` (0 = embeddings), one position
+    ATTN = 1  # attention block's residual contribution of block ``layer``, one position
+    MLP = 2  # MLP block's residual contribution, one position
+    HEAD = 3  # one head's o_proj-input slice, one position
+    HEAD_ALL = 4  # one head's o_proj-input slice at every aligned position where the prompts differ
+    RESID_ALL = 5  # the residual at boundary 0 at every aligned differing position (invariant row)
+    NOTHING = 6  # nothing patched: the engine's destination run (invariant row)
+
+
+class PT:
+    """Fields of a patching shard (``patching/<a>-<b>/pNNNNN.h5``); Q = patch rows, R = 2 directions.
+
+    Direction 0 patches template a's prompt (source) into template b's (destination): with the
+    default pair, "repeat" into "echo" (denoising the echo run); direction 1 is the reverse.
+    Metrics are at the destination's last position. The logit difference LD of a direction is
+    logit[ld_tokens[r, 0]] - logit[ld_tokens[r, 1]] (see extract.patching).
+    """
+
+    DIRECTION = Field("direction", ("Q",), "int8", "0: template a into b; 1: b into a")
+    KIND = Field("kind", ("Q",), "int8", "store.schema.PatchKind")
+    LAYER = Field("layer", ("Q",), "int16", "block index; for RESID/RESID_ALL the residual boundary")
+    HEAD = Field("head", ("Q",), "int16", "head for HEAD/HEAD_ALL, else -1")
+    DST_POS = Field("dst_pos", ("Q",), "int16", "destination position patched (-1: every aligned one)")
+    SRC_POS = Field("src_pos", ("Q",), "int16", "source position read (-1: every aligned one)")
+    TARGET_LOGIT = Field("target_logit", ("Q",), "float32", "destination target logit after patching")
+    TARGET_PROB = Field("target_prob", ("Q",), "float32", "destination target probability after patching")
+    LOGIT_DIFF = Field("logit_diff", ("Q",), "float32", "LD after patching")
+    RECOVERY = Field("recovery", ("Q",), "float32",
+                     "(LD patched - LD destination) / (LD source - LD destination), clean references")
+    KL_SOURCE = Field("kl_source", ("Q",), "float32", "KL(source clean || patched), full vocabulary, nats")
+    KL_DEST = Field("kl_dest", ("Q",), "float32", "KL(destination clean || patched), nats")
+    TOP1_ID = Field("top1_id", ("Q",), "int32", "top-1 token after patching")
+    ATTRIBUTION = Field("attribution", ("Q",), "float32",
+                        "attribution patching: grad of LD at the destination . (source - destination)")
+    DST_TO_SRC = Field("dst_to_src", ("R", "T"), "int16",
+                       "per direction and destination position: the aligned source position, -1 "
+                       "unpatchable (no counterpart), -2 past the destination's end")
+    LD_TOKENS = Field("ld_tokens", ("R", "2"), "int32", "per direction: LD = logit[tok 0] - logit[tok 1]")
+    LD_SOURCE = Field("ld_source", ("R",), "float32", "LD of the source's clean run")
+    LD_DEST = Field("ld_dest", ("R",), "float32", "LD of the destination's clean run")
+    PROMPTS = Field("prompts", ("R", "2"), "int32", "per direction: (source prompt, destination prompt)")
+    VALIDATION = Field("validation", ("I",), "compound", "invariant checks of the patching run")
+
+
+PATCHING_ATTRS: dict[str, str] = {
+    "pair": "the template pair 'a-b'",
+    "word": "the word",
+    "fingerprint": "the run fingerprint",
+    "shared_prefix": "leading tokens identical in both prompts: identical activations, never patched",
+    "ld_rule": "per direction: 'top1' (source top-1 minus destination top-1) or 'target' (target "
+               "minus the destination's strongest other token, when the top-1s agree)",
+    "references": "which clean runs the metrics use",
+    "embed_all_check": "why patch_embed_all_is_source was or was not checked",
+}

@@ -17,7 +17,9 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "dla_vs_ablation_corr", "top_heads_consistency", "first_token_attention",
          "resid_cosine_templates", "bos_cosine", "ablation_flips",
          "validation_summary", "lens_target", "head_dla_grid", "dla_vs_ablation_heads",
-         "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer"}
+         "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer",
+         # activation patching (issue 11; checked on a real extraction in test_patching_views.py)
+         "patching_recovery_map", "patching_top_heads", "patching_attribution", "patching_disagreements"}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from echowh.cli import main
 
 VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
               "validation, manifest, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
-              "attention")
+              "attention, patching, patching_pairs, patching_positions, patching_validation")
 
 
 def run(*args: str):

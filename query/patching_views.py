@@ -1,0 +1,230 @@
+"""Views over the activation-patching shards (``patching/<a>-<b>/pNNNNN.h5``, store.schema.PT).
+
+Light views, materialised whole on first use (a default pair of 44 words holds ~400k rows):
+``patching`` (one row per patch), ``patching_pairs`` (one row per pair direction: the logit
+difference's tokens and clean values), ``patching_positions`` (every destination position:
+shared prefix, aligned, or unpatchable) and ``patching_validation``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from store.schema import PATCHING_DIR, PT, Role
+from store.schema import PatchKind as K
+from store.warehouse import shard_indices
+
+if TYPE_CHECKING:
+    from query.shards import Shards as Loader
+    from query.views import View
+
+KIND_NAMES = {int(k): k.name.lower() for k in K}
+_DIR = "direction INTEGER | 0: template a's prompt patched into template b's; 1: the reverse"
+
+
+def _c(spec: str) -> tuple:
+    """Columns from ``name TYPE | doc`` lines (one table per view, kept next to its doc)."""
+    from query.views import Column
+
+    out = []
+    for line in spec.strip().splitlines():
+        left, doc = line.split("|", 1)
+        name, typ = left.split(None, 1)
+        out.append(Column(name.strip(), typ.strip(), doc.strip()))
+    return tuple(out)
+
+
+def views() -> tuple[View, ...]:
+    from query.views import View
+
+    return (
+        View("patching", "activation patching: one row per patch of a pair direction, metrics at the "
+             "destination's last position (empty unless extracted with --patching)", _c(f"""
+pair VARCHAR | template pair 'a-b'
+word VARCHAR | the word
+{_DIR}
+source_prompt INTEGER | prompt whose activation is put in
+dest_prompt INTEGER | prompt that is run (metrics are its)
+kind VARCHAR | 'resid', 'attn', 'mlp', 'head' (one position), 'head_all' (every aligned differing position), 'resid_all' (boundary 0, every differing position: check row), 'nothing' (check row)
+boundary INTEGER | residual boundary for resid kinds (0 = embeddings), else NULL
+layer INTEGER | block index; for resid kinds boundary - 1 (-1 = embeddings), as in the resid view
+head INTEGER | head for 'head'/'head_all', else NULL
+dst_pos INTEGER | destination position patched (NULL: several)
+src_pos INTEGER | aligned source position read (NULL: several)
+from_end INTEGER | destination positions before the last (0 = last): aligns words of different lengths
+dst_role VARCHAR | role of dst_pos ('template', 'word', 'suffix', 'last')
+dst_token VARCHAR | destination token at dst_pos
+src_token VARCHAR | source token at src_pos
+target_logit FLOAT | destination target logit after patching
+target_prob FLOAT | destination target probability after patching
+logit_diff FLOAT | LD after patching (patching_pairs: which tokens)
+ld_change FLOAT | logit_diff - LD of the destination's clean run (the exact effect)
+recovery FLOAT | (LD patched - LD dest) / (LD source - LD dest): 0 destination, 1 source
+kl_source FLOAT | KL(source clean || patched), nats
+kl_dest FLOAT | KL(destination clean || patched), nats
+top1_id INTEGER | top-1 token after patching
+top1_text VARCHAR | its text
+attribution FLOAT | attribution patching's estimate of ld_change (gradient x activation difference)
+attribution_recovery FLOAT | attribution / (LD source - LD dest): the estimate of recovery""")),
+        View("patching_pairs", "per pair direction: the logit difference LD = logit[token0] - logit[token1] "
+             "and its clean values (empty unless extracted with --patching)", _c(f"""
+pair VARCHAR | template pair 'a-b'
+word VARCHAR | the word
+{_DIR}
+source_prompt INTEGER | source prompt
+dest_prompt INTEGER | destination prompt
+ld_rule VARCHAR | 'top1': source top-1 minus destination top-1; 'target': target minus the destination's strongest other token (the top-1s agree)
+token0 INTEGER | LD's first token
+token0_text VARCHAR | its text
+token1 INTEGER | LD's second token
+token1_text VARCHAR | its text
+ld_source FLOAT | LD of the source's clean run
+ld_dest FLOAT | LD of the destination's clean run
+shared_prefix INTEGER | leading positions identical in both prompts (never patched: identical activations)
+n_unpatchable INTEGER | destination positions with no counterpart (never guessed)
+embed_all_check VARCHAR | whether patch_embed_all_is_source was checked, and why not
+references VARCHAR | which clean runs the metrics use""")),
+        View("patching_positions", "every destination position of every pair direction and its "
+             "counterpart (empty unless extracted with --patching)", _c(f"""
+pair VARCHAR | template pair 'a-b'
+word VARCHAR | the word
+{_DIR}
+dst_pos INTEGER | destination position
+src_pos INTEGER | aligned source position (NULL: unpatchable)
+status VARCHAR | 'shared_prefix' (identical, not patched), 'aligned' (patched) or 'unpatchable'
+from_end INTEGER | positions before the destination's last
+role VARCHAR | role of the destination position
+dst_token VARCHAR | destination token
+src_token VARCHAR | source token (NULL: unpatchable)""")),
+        View("patching_validation", "invariant checks of each patching shard (both directions; worst "
+             "of the two)", _c("""
+pair VARCHAR | template pair 'a-b'
+word VARCHAR | the word
+invariant VARCHAR | patch_clean_is_model, patch_nothing_is_dest or patch_embed_all_is_source
+max_abs_err DOUBLE | largest absolute error
+rel_err DOUBLE | max_abs_err / max(1, max |reference|)
+tolerance DOUBLE | allowed rel_err
+passed BOOLEAN | rel_err <= tolerance""")),
+    )
+
+
+NAMES = ("patching", "patching_pairs", "patching_positions", "patching_validation")
+
+
+def _str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _shards(lo: Loader) -> list[tuple[str, int, Any]]:
+    root = lo.r.root / PATCHING_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(x for x in root.iterdir() if x.is_dir()):
+        for i in shard_indices(d):
+            out.append((d.name, i, lo.r.shard(i, f"{PATCHING_DIR}/{d.name}")))
+    return out
+
+
+def load(lo: Loader, name: str) -> pa.Table:
+    """The named patching view as an Arrow table (empty with the right columns when none)."""
+    from query.light import table as _table
+    from query.views import VIEW_BY_NAME
+
+    cols: dict[str, list] = {c: [] for c in VIEW_BY_NAME[name].names}
+    tokens: dict[int, list[str]] = {}
+    roles_: dict[int, np.ndarray] = {}
+    role_names = {int(r): r.name.lower() for r in Role}
+
+    def toks(p: int) -> list[str]:
+        if p not in tokens:
+            from store.schema import F
+
+            tokens[p] = list(lo.r.read(F.TOKEN_TEXT, p))
+            roles_[p] = lo.roles(p)
+        return tokens[p]
+
+    for pair, _idx, f in _shards(lo):
+        word = _str(f.attrs["word"])
+        prompts = f[PT.PROMPTS.name][()]
+        if name == "patching_validation":
+            v = f[PT.VALIDATION.name][()]
+            for row in v:
+                for k, x in (("pair", pair), ("word", word), ("invariant", _str(row["invariant"])),
+                             ("max_abs_err", float(row["max_abs_err"])), ("rel_err", float(row["rel_err"])),
+                             ("tolerance", float(row["tolerance"])), ("passed", bool(row["passed"]))):
+                    cols[k].append(x)
+            continue
+        d2s = f[PT.DST_TO_SRC.name][()]
+        P = int(f.attrs["shared_prefix"])
+        if name == "patching_pairs":
+            lt = f[PT.LD_TOKENS.name][()]
+            rules = [_str(x) for x in f.attrs["ld_rule"]]
+            notes = [_str(x) for x in f.attrs["embed_all_check"]]
+            for r in range(2):
+                t0, t1 = (int(x) for x in lt[r])
+                row = {"pair": pair, "word": word, "direction": r, "source_prompt": int(prompts[r, 0]),
+                       "dest_prompt": int(prompts[r, 1]), "ld_rule": rules[r], "token0": t0,
+                       "token0_text": lo.text([t0])[0], "token1": t1, "token1_text": lo.text([t1])[0],
+                       "ld_source": float(f[PT.LD_SOURCE.name][r]), "ld_dest": float(f[PT.LD_DEST.name][r]),
+                       "shared_prefix": P, "n_unpatchable": int((d2s[r] == -1).sum()),
+                       "embed_all_check": notes[r], "references": _str(f.attrs["references"])}
+                for k, x in row.items():
+                    cols[k].append(x)
+            continue
+        if name == "patching_positions":
+            for r in range(2):
+                s, d = (int(x) for x in prompts[r])
+                ts, td = toks(s), toks(d)
+                T = len(td)
+                for t in range(T):
+                    j = int(d2s[r, t])
+                    st = "shared_prefix" if t < P else ("aligned" if j >= 0 else "unpatchable")
+                    row = {"pair": pair, "word": word, "direction": r, "dst_pos": t,
+                           "src_pos": j if j >= 0 else None, "status": st, "from_end": T - 1 - t,
+                           "role": role_names[int(roles_[d][t])], "dst_token": td[t],
+                           "src_token": ts[j] if j >= 0 else None}
+                    for k, x in row.items():
+                        cols[k].append(x)
+            continue
+        # patching: one row per patch
+        direction = f[PT.DIRECTION.name][()].astype(np.int64)
+        kind = f[PT.KIND.name][()].astype(np.int64)
+        layer = f[PT.LAYER.name][()].astype(np.int64)
+        head = f[PT.HEAD.name][()].astype(np.int64)
+        dpos = f[PT.DST_POS.name][()].astype(np.int64)
+        spos = f[PT.SRC_POS.name][()].astype(np.int64)
+        ld_s, ld_d = f[PT.LD_SOURCE.name][()], f[PT.LD_DEST.name][()]
+        n = direction.size
+        resid = np.isin(kind, [K.RESID, K.RESID_ALL])
+        ldiff = f[PT.LOGIT_DIFF.name][()]
+        att = f[PT.ATTRIBUTION.name][()]
+        denom = (ld_s - ld_d)[direction]
+        T_dst = {r: len(toks(int(prompts[r, 1]))) for r in range(2)}
+        cols["pair"] += [pair] * n
+        cols["word"] += [word] * n
+        cols["direction"] += direction.tolist()
+        cols["source_prompt"] += prompts[direction, 0].tolist()
+        cols["dest_prompt"] += prompts[direction, 1].tolist()
+        cols["kind"] += [KIND_NAMES[k] for k in kind.tolist()]
+        cols["boundary"] += [int(x) if r else None for x, r in zip(layer, resid, strict=True)]
+        cols["layer"] += np.where(resid, layer - 1, layer).tolist()
+        cols["head"] += [int(x) if x >= 0 else None for x in head]
+        cols["dst_pos"] += [int(x) if x >= 0 else None for x in dpos]
+        cols["src_pos"] += [int(x) if x >= 0 else None for x in spos]
+        cols["from_end"] += [T_dst[r] - 1 - int(x) if x >= 0 else None for r, x in zip(direction, dpos, strict=True)]
+        for r_, x, y in zip(direction.tolist(), dpos.tolist(), spos.tolist(), strict=True):
+            d, s = int(prompts[r_, 1]), int(prompts[r_, 0])
+            cols["dst_role"].append(role_names[int(roles_[d][x])] if x >= 0 else None)
+            cols["dst_token"].append(toks(d)[x] if x >= 0 else None)
+            cols["src_token"].append(toks(s)[y] if y >= 0 else None)
+        for fld in (PT.TARGET_LOGIT, PT.TARGET_PROB, PT.LOGIT_DIFF, PT.RECOVERY, PT.KL_SOURCE, PT.KL_DEST,
+                    PT.TOP1_ID, PT.ATTRIBUTION):
+            cols[fld.name] += f[fld.name][()].tolist()
+        cols["ld_change"] += (ldiff - ld_d[direction]).tolist()
+        cols["top1_text"] += lo.text(f[PT.TOP1_ID.name][()])
+        cols["attribution_recovery"] += (att / denom).tolist()
+    return _table(VIEW_BY_NAME[name], lo.d_model, cols)

@@ -1,0 +1,163 @@
+"""Report section "What makes the templates differ": activation patching between template pairs.
+
+Reads only named analyses (patching_recovery_map, patching_top_heads, patching_attribution,
+patching_disagreements) and writes its findings from their frames. Left out (with a note) when
+the warehouse was extracted without --patching.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+from query import Warehouse
+
+TITLE = "What makes the templates differ"
+INTRO = (
+    "Activation patching between the two prompts of each word (Meng et al. 2022; Wang et al. 2022; "
+    "Heimersheim & Nanda 2024): one activation of the source prompt is put into the destination "
+    "prompt's run and the destination's answer is measured at its last position. Recovery = "
+    "(LD patched − LD destination) / (LD source − LD destination) of the logit difference LD "
+    "(source's top-1 minus destination's top-1 when they differ): 1 means that one activation carries "
+    "the whole difference between the templates. Direction 0 patches template a into b (denoising b "
+    "towards a's answer), direction 1 the reverse. Positions are counted from the end so words of "
+    "different lengths line up; the shared prefix is identical in both prompts and never patched. "
+    "Attribution patching (Nanda 2023; Syed et al. 2023), a gradient × activation-difference estimate "
+    "from one backward pass, is shown beside the exact grid: it is known to be good for head outputs "
+    "and poor for early residual positions."
+)
+
+
+def recovery_heatmap(df: pl.DataFrame, title: str) -> alt.Chart:
+    """patching_recovery_map: layer (y) x position from the end (x), colour = mean recovery."""
+    df = df.with_columns((pl.col("from_end").cast(pl.Utf8) + " " + pl.col("token").fill_null("")).alias("position"))
+    order = df.sort("from_end", descending=True)["position"].unique(maintain_order=True).to_list()
+    return alt.Chart(alt.Data(values=df.select("direction", "layer", "position", "mean_recovery",
+                                               "mean_attribution_recovery", "n_words").to_dicts()),
+                     title=title).mark_rect().encode(
+        x=alt.X("position:N", sort=order, title="destination position (tokens before the last · token)"),
+        y=alt.Y("layer:O", sort="descending", title="layer (residual after block; -1 = embeddings)"),
+        color=alt.Color("mean_recovery:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
+                        title="recovery"),
+        column=alt.Column("direction:N", title="direction"),
+        tooltip=["direction:N", "layer:O", "position:N", alt.Tooltip("mean_recovery:Q", format=".3f"),
+                 alt.Tooltip("mean_attribution_recovery:Q", format=".3f"), "n_words:Q"],
+    ).properties(width=300, height=360)
+
+
+def attribution_scatter(df: pl.DataFrame) -> alt.Chart:
+    """patching_attribution: Spearman correlation per layer, one line per patch kind."""
+    return alt.Chart(alt.Data(values=df.select("direction", "kind", "layer", "spearman", "n").to_dicts()),
+                     title="Attribution vs exact patching: rank correlation per layer").mark_line(point=True).encode(
+        x=alt.X("layer:O"), y=alt.Y("spearman:Q", title="Spearman ρ", scale=alt.Scale(domain=[-1, 1])),
+        color="kind:N", strokeDash="direction:N",
+        tooltip=["kind:N", "direction:N", "layer:O", alt.Tooltip("spearman:Q", format=".3f"), "n:Q"],
+    ).properties(width=640, height=260)
+
+
+def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """The section's parts (title, intro, charts, tables, note) and its findings."""
+    n = wh.sql("SELECT count(*) AS n FROM patching")["n"][0]
+    if n == 0:
+        return {"title": TITLE, "note": "This warehouse has no patching data (extract with --patching): "
+                                        "this section is left out."}, []
+    run = wh.run_analysis
+    info = wh.sql("SELECT pair, direction, count(*) AS n_words, "
+                  "sum(CASE WHEN ld_rule = 'top1' THEN 1 ELSE 0 END) AS n_differ, "
+                  "avg(ld_source) AS ld_source, avg(ld_dest) AS ld_dest FROM patching_pairs "
+                  "GROUP BY pair, direction ORDER BY pair, direction")
+    resid = run("patching_recovery_map", kind="resid")
+    attn = run("patching_recovery_map", kind="attn")
+    mlp = run("patching_recovery_map", kind="mlp")
+    heads = run("patching_top_heads", top=10)
+    attr = run("patching_attribution")
+    worst = run("patching_disagreements", top=15)
+    findings: list[str] = []
+
+    def tname(pair: str, r: int) -> tuple[str, str]:
+        a, b = (int(x) for x in pair.split("-"))
+        s, d = (a, b) if r == 0 else (b, a)
+        name = lambda i: f"“{templates[i]}”" if i < len(templates) else f"template {i}"  # noqa: E731
+        return name(s), name(d)
+
+    for row in info.iter_rows(named=True):
+        pair, r = row["pair"], row["direction"]
+        src, dst = tname(pair, r)
+        findings.append(f"Patching {src} into {dst}: the two prompts' top-1 tokens differ for {row['n_differ']} "
+                        f"of {row['n_words']} words (LD: source {row['ld_source']:.2f}, destination "
+                        f"{row['ld_dest']:.2f} on average).")
+        m = resid.filter((pl.col("pair") == pair) & (pl.col("direction") == r))
+        if m.height:
+            best = m.sort("mean_recovery", descending=True).row(0, named=True)
+            last = m.filter(pl.col("from_end") == 0).sort("layer")
+            took = last.filter(pl.col("mean_recovery") >= 0.5)
+            early = m.filter((pl.col("from_end") > 0) & (pl.col("mean_recovery") >= 0.5)).sort("layer")
+            text = (f"Residual patching ({src} into {dst}): the largest mean recovery is {best['mean_recovery']:.2f} at "
+                    f"layer {best['layer']}, {best['from_end']} positions before the last (token {best['token']!r}).")
+            if early.height:
+                e = early.row(-1, named=True)
+                text += (f" Earlier positions carry the difference up to layer {e['layer']} "
+                         f"(token {e['token']!r}: recovery {e['mean_recovery']:.2f})")
+                text += (f"; the last position carries it from layer {took.row(0, named=True)['layer']} on."
+                         if took.height else "; the last position alone never reaches 0.5.")
+            elif took.height:
+                text += f" Only the last position reaches recovery 0.5, from layer {took.row(0, named=True)['layer']} on."
+            findings.append(text)
+        for kind, df in (("attention", attn), ("MLP", mlp)):
+            k = df.filter((pl.col("pair") == pair) & (pl.col("direction") == r))
+            if k.height:
+                b = k.sort("mean_recovery", descending=True).row(0, named=True)
+                findings.append(f"Best single {kind}-block patch ({src} into {dst}): layer {b['layer']}, "
+                                f"{b['from_end']} before the last ({b['token']!r}), mean recovery {b['mean_recovery']:.2f}.")
+        h = heads.filter((pl.col("pair") == pair) & (pl.col("direction") == r))
+        if h.height:
+            top = h.row(0, named=True)
+            labels = ", ".join(f"L{x['layer']}H{x['head']} ({x['mean_recovery']:.2f})" for x in h.head(3).iter_rows(named=True))
+            text = f"Top heads by recovery ({src} into {dst}): {labels}."
+            if h["ablation_rank"].null_count() < h.height:
+                both = h.filter(pl.col("ablation_rank") <= 10).height
+                text += (f" {both} of the top {h.height} patching heads are also among the 10 heads whose zero "
+                         f"ablation hurts the destination's target most (the best patching head ranks "
+                         f"{top['ablation_rank']} by ablation and {top['dla_rank']} by DLA).")
+            findings.append(text)
+    if attr.height:
+        by_kind = attr.group_by("kind").agg(pl.col("spearman").mean().alias("rho"),
+                                            pl.col("rel_error").median().alias("err")).sort("rho", descending=True)
+        parts = ", ".join(f"{k['kind']} ρ = {k['rho']:.2f}" for k in by_kind.iter_rows(named=True) if k["rho"] is not None)
+        findings.append(f"Attribution patching vs exact, mean rank correlation over layers: {parts}.")
+        r0 = attr.filter(pl.col("kind") == "resid").sort("layer")
+        if r0.height > 2:
+            lo, hi = r0.head(r0.height // 2)["spearman"].mean(), r0.tail(r0.height // 2)["spearman"].mean()
+            findings.append(f"For the residual stream the approximation is {'worse' if lo < hi else 'not worse'} in the "
+                            f"first half of the layers (mean ρ {lo:.2f}) than in the second ({hi:.2f}).")
+    charts = [recovery_heatmap(resid, "Residual patching: mean recovery per layer and position (averaged over words)"),
+              recovery_heatmap(attn, "Attention-block patching: mean recovery"),
+              recovery_heatmap(mlp, "MLP-block patching: mean recovery")]
+    for w in words:
+        one = wh.run_analysis("patching_recovery_map", kind="resid", word=w)
+        if one.height:
+            charts.append(recovery_heatmap(one, f"Residual patching for “{w}”"))
+    if attr.height:
+        charts.append(attribution_scatter(attr))
+    tables = [("Pair directions (patching_pairs)",
+               wh.sql("SELECT pair, word, direction, ld_rule, token0_text, token1_text, ld_source, ld_dest, "
+                      "shared_prefix, n_unpatchable FROM patching_pairs ORDER BY pair, direction, word")),
+              ("Top heads by recovery, with DLA and ablation ranks (patching_top_heads)", heads),
+              ("Attribution vs exact per kind and layer (patching_attribution)", attr),
+              ("Largest attribution errors (patching_disagreements)", worst),
+              ("Patching invariants, worst over pairs (patching_validation)",
+               wh.sql("SELECT invariant, count(*) AS n_shards, max(rel_err) AS max_rel_err, any_value(tolerance) "
+                      "AS tolerance, bool_and(passed) AS passed FROM patching_validation GROUP BY invariant "
+                      "ORDER BY invariant"))]
+    return {"title": TITLE, "intro": INTRO, "charts": charts, "tables": tables}, findings
+
+
+def section(ctx: Any) -> list[Any]:
+    """The report section (``reports.sections.SECTIONS`` entry): parts from ``build``."""
+    from reports.model import Section
+
+    parts, found = build(ctx.wh, ctx.templates, ctx.words)
+    ctx.findings.extend(found)
+    return [Section(**parts)]
