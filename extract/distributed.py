@@ -178,6 +178,9 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
 
     ``on_result(record)`` is called by the driver after each finished batch or group.
     """
+    if cfg.patching:
+        raise RayError("--patching does not run on Ray yet: run the patching grid locally "
+                       "(`echowh extract ... --patching` without --ray)")
     ray = import_ray()
     if rc.workers < 1 or rc.cpus_per_worker < 1 or rc.gpus_per_worker < 0:
         raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")

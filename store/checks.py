@@ -19,7 +19,9 @@ import numpy as np
 from store.schema import (
     ABLATION_ATTRS,
     MODEL_ATTRS,
+    PATCHING_ATTRS,
     PROMPT_ATTRS,
+    PT,
     SCHEMA_VERSION,
     VALIDATION_DTYPE,
     A,
@@ -29,10 +31,13 @@ from store.schema import (
 )
 from store.shard import BFLOAT16_FIELDS
 
-Kind = Literal["prompt", "ablation", "model"]
-FIELDS: dict[str, tuple[Field, ...]] = {"prompt": F.ALL, "ablation": A.ALL, "model": M.ALL}
+Kind = Literal["prompt", "ablation", "model", "patching"]
+FIELDS: dict[str, tuple[Field, ...]] = {
+    "prompt": F.ALL, "ablation": A.ALL, "model": M.ALL,
+    "patching": tuple(v for v in vars(PT).values() if isinstance(v, Field))}
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
-    "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS)}
+    "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
+    "patching": tuple(PATCHING_ATTRS)}
 NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold besides its datasets
 
 

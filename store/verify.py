@@ -32,7 +32,9 @@ from store.schema import (
     MANIFEST_NAME,
     MODEL_FILE,
     PARTIAL_SUFFIX,
+    PATCHING_DIR,
     PROMPTS_DIR,
+    PT,
     A,
     F,
     prompt_shard_name,
@@ -40,7 +42,7 @@ from store.schema import (
 from store.warehouse import load_manifest
 
 _SHARD = re.compile(r"^p(\d{5,})\.h5$")
-TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR}
+TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR}
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,10 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
         if cfg.get("ablation"):
             expected[f"{ABLATION_DIR}/{prompt_shard_name(i)}"] = ("ablation", i)
 
+    patching = _patching_expected(manifest)
+    expected.update({rel: ("patching", i) for rel, i in patching.items()})
     _foreign_files(root, set(indices), bool(cfg.get("ablation")), add)
+    _foreign_patching(root, set(patching), add)
     ledger = read_ledger(root)
     if ledger is None:
         add(LEDGER_NAME, "missing: no recorded SHA-256 to check the shards against")
@@ -162,6 +167,40 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
                 add(rel, "an ablation shard, but the run had no ablation (stale or foreign)")
 
 
+def _patching_expected(manifest: dict) -> dict[str, int]:
+    """patching/<a>-<b>/pNNNNN.h5 of a run with --patching: one per (pair, word), named by the
+    prompt index of the word's template-a prompt."""
+    cfg = manifest.get("config") or {}
+    if not cfg.get("patching"):
+        return {}
+    pairs = cfg.get("patch_pairs") or [[0, 1]]
+    index = {(p["word"], int(p["template_index"])): int(p["index"]) for p in manifest.get("prompts", [])}
+    out = {}
+    for a, b in pairs:
+        for w in manifest.get("words", []):
+            if (w, int(a)) in index and (w, int(b)) in index:
+                i = index[(w, int(a))]
+                out[f"{PATCHING_DIR}/{a}-{b}/{prompt_shard_name(i)}"] = i
+    return out
+
+
+def _foreign_patching(root: Path, expected: set[str], add: Callable[[str, str], None]) -> None:
+    top = root / PATCHING_DIR
+    if not top.exists():
+        return
+    if not top.is_dir():
+        add(PATCHING_DIR, "should be a directory")
+        return
+    for d in sorted(top.iterdir()):
+        files = sorted(d.iterdir()) if d.is_dir() else [d]
+        for p in files:
+            rel = p.relative_to(root).as_posix()
+            if p.name.endswith(PARTIAL_SUFFIX):
+                add(rel, "a partial write left by a killed run (`echowh extract --resume` removes it)")
+            elif rel not in expected:
+                add(rel, "not a patching shard of this run (stale, foreign or unknown)")
+
+
 def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> list[str]:
     """Structure (strict), every chunk's checksum, and the stored invariants of one file."""
     try:
@@ -181,7 +220,7 @@ def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> li
                     obj[()]  # reads every chunk: Fletcher32 verifies each one
             except (OSError, KeyError, ValueError) as e:
                 problems.append(f"dataset {name} is damaged ({first_line(e)})")
-        fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION}.get(kind)
+        fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION, "patching": PT.VALIDATION}.get(kind)
         if fld is not None and fld.name in f and not any(fld.name in p for p in problems):
             problems += _invariants(f[fld.name][()])
     return problems

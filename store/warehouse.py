@@ -23,6 +23,7 @@ from store.schema import (
     MANIFEST_NAME,
     MODEL_FILE,
     PARTIAL_SUFFIX,
+    PATCHING_DIR,
     PROMPTS_DIR,
     SCHEMA_VERSION,
     VALIDATION_DTYPE,
@@ -393,7 +394,9 @@ class WarehouseReader:
         path = self.root / subdir / prompt_shard_name(index)
         if not path.exists():
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
-        return self._open(path, "ablation" if subdir == ABLATION_DIR else "prompt", index)
+        kind: Kind = ("ablation" if subdir == ABLATION_DIR
+                      else "patching" if subdir.split("/")[0] == PATCHING_DIR else "prompt")
+        return self._open(path, kind, index)
 
     def model_file(self) -> h5py.File:
         path = self.root / MODEL_FILE
