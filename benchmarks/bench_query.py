@@ -87,6 +87,11 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
             s.put(A.TOP1_ID, np.where(rng.random(shape) < 0.05, tid + 1, tid))
             s.put(A.TOPK_IDS, rng.integers(vocab, size=(*shape, k)))
             s.put(A.TOPK_LOGITS, rng.normal(size=(*shape, k)))
+            s.put(A.CLEAN_TOP1_ID, tid)  # the engine's clean reference
+            s.put(A.CLEAN_TOP1_PROB, 0.5)
+            s.put(A.CLEAN_TARGET_LOGIT, 1.0)
+            s.put(A.CLEAN_TARGET_PROB, 0.5)
+            s.put(A.CLEAN_TARGET_RANK, 0)
             s.attrs({"prompt_index": i, "fingerprint": "synthetic", "modes": ["zero", "mean"],
                      "positions": "all", "layers": np.arange(ablation_layers), "n_heads": H})
     w.write_manifest()

@@ -63,6 +63,10 @@ def build(root: Path, words: tuple[str, ...] = ("cat", "dog"), fingerprint: str 
                 s.put(A.TOPK_IDS, rng.integers(V, size=(*shape, K)))
                 s.put(A.TOPK_LOGITS, rng.normal(size=(*shape, K)))
                 s.put(A.VALIDATION, validation_array([("ablation_clean_is_model", 1e-7, 1e-7, 1e-4, True)]))
+                for fld in (A.CLEAN_TOP1_ID, A.CLEAN_TARGET_RANK):  # the engine's clean reference
+                    s.put(fld, rng.integers(V))
+                for fld in (A.CLEAN_TOP1_PROB, A.CLEAN_TARGET_LOGIT, A.CLEAN_TARGET_PROB):
+                    s.put(fld, rng.random())
                 s.attrs({"modes": ["zero"], "positions": "all", "layers": np.arange(L), "n_heads": H})
         w.write_manifest()
     return root
