@@ -41,7 +41,7 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
         m.put(M.VOCAB_TEXT, [f"t{i}" for i in range(vocab)])
         m.put(M.KV_GROUP, np.arange(H) // 3)
         m.attrs({"model_type": "llama", "n_layers": L, "n_heads": H, "n_kv_heads": 3, "head_dim": 64,
-                 "d_model": D, "vocab_size": vocab, "norm_eps": 1e-5})
+                 "d_model": D, "vocab_size": vocab, "norm_eps": 1e-5, "final_softcap": 0.0})
     roles = np.array([0] + [1] * (T - 4) + [2, 3, 4], dtype=np.int8)
     bos = rng.normal(size=(B, D)).astype(np.float32)
     causal = np.tril(np.ones((T, T), dtype=np.float32))

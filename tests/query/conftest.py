@@ -86,7 +86,7 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32",
         m.put(M.VOCAB_TEXT, VOCAB)
         m.put(M.KV_GROUP, np.array([0, 0, 1]))
         m.attrs({"model_type": "llama", "n_layers": L, "n_heads": H, "n_kv_heads": 2, "head_dim": 2,
-                 "d_model": D, "vocab_size": len(VOCAB), "norm_eps": 1e-6})
+                 "d_model": D, "vocab_size": len(VOCAB), "norm_eps": 1e-6, "final_softcap": 0.0})
     bos = rng.normal(size=(L + 1, D)).astype(np.float32)
     data: dict[str, Any] = {"resid": [], "attn": [], "head_out": [], "head_out_all": [], "bos": bos}
     for i, (word, t) in enumerate(PROMPTS):

@@ -56,7 +56,7 @@ def build(root: Path, *, ablation: bool = True) -> Path:
         m.put(M.VOCAB_TEXT, VOCAB)
         m.put(M.KV_GROUP, np.arange(H) // 3)
         m.attrs({"model_type": "llama", "n_layers": L, "n_heads": H, "n_kv_heads": 2, "head_dim": 2,
-                 "d_model": D, "vocab_size": len(VOCAB), "norm_eps": 1e-6})
+                 "d_model": D, "vocab_size": len(VOCAB), "norm_eps": 1e-6, "final_softcap": 0.0})
     bos = rng.normal(size=(L + 1, D)).astype(np.float32)
     causal = np.tril(np.ones((T, T), dtype=np.float32))
     for i, (word, t) in enumerate(PROMPTS):

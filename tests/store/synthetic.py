@@ -29,7 +29,7 @@ def build(root: Path, words: tuple[str, ...] = ("cat", "dog"), fingerprint: str 
             m.put(M.KV_GROUP, [0, 0, 1])
             m.put(M.VOCAB_TEXT, [f"t{i}" for i in range(V)])
             m.attrs({"model_type": "llama", "n_layers": L, "n_heads": H, "n_kv_heads": 2, "head_dim": 2,
-                     "d_model": D, "vocab_size": V, "norm_eps": 1e-6})
+                     "d_model": D, "vocab_size": V, "norm_eps": 1e-6, "final_softcap": 0.0})
         for i, word in enumerate(words):
             with w.shard_writer(i) as s:
                 s.put(F.INPUT_IDS, rng.integers(V, size=T))
