@@ -39,7 +39,7 @@ def _models_section(c: Comparison) -> tuple[Section, list[str]]:
                    "n_prompts, n_ablated FROM models")
     order = {label: i for i, label in enumerate(c.labels)}
     models = models.sort(pl.col("model").replace_strict(order, return_dtype=pl.Int32))
-    val = c.run_analysis("validation_summary")
+    val = _in_order(c.run_analysis("validation_summary"), c.labels)
     failed = val.filter(pl.col("n_passed") < pl.col("n_prompts"))
     findings = ["Models compared: " + "; ".join(
         f"{r['model']} ({r['model_type']}, {r['n_layers']} layers × {r['n_heads']} heads, d_model {r['d_model']}, "
@@ -56,7 +56,7 @@ def _models_section(c: Comparison) -> tuple[Section, list[str]]:
 
 
 def _echo_section(c: Comparison) -> tuple[Section, list[str]]:
-    acc = c.run_analysis("compare_echo_accuracy")
+    acc = _in_order(c.run_analysis("compare_echo_accuracy"), c.labels)
     words = c.run_analysis("compare_echo_words")
     chart = alt.Chart(_data(acc.with_columns(pl.col("template_index").cast(pl.Utf8).alias("template_no"))),
                       title="Echo accuracy per template (continuation starts with the word)").mark_bar().encode(
@@ -84,7 +84,7 @@ def _echo_section(c: Comparison) -> tuple[Section, list[str]]:
 
 
 def _emergence_section(c: Comparison) -> tuple[Section, list[str]]:
-    summary = c.run_analysis("compare_emergence")
+    summary = _in_order(c.run_analysis("compare_emergence"), c.labels)
     per_prompt = c.run_analysis("compare_emergence_prompts").drop_nulls("rel_depth")
     chart = alt.Chart(_data(per_prompt.with_columns(pl.col("template_index").cast(pl.Utf8).alias("template_no"))),
                       title="Emergence layer / n_layers, per prompt (prompts whose answer is the target)").mark_tick(
@@ -121,7 +121,7 @@ def _emergence_section(c: Comparison) -> tuple[Section, list[str]]:
 
 
 def _heads_section(c: Comparison, has_ablation: bool) -> tuple[Section, list[str]]:
-    top = c.run_analysis("compare_top_heads", top=5)
+    top = _in_order(c.run_analysis("compare_top_heads", top=5), c.labels)
     top = top.with_columns((pl.lit("L") + pl.col("layer").cast(pl.Utf8) + pl.lit("H")
                             + pl.col("head").cast(pl.Utf8)).alias("unit"),
                            pl.coalesce(pl.when(pl.col("measure") == "ablation").then(pl.col("mean_logit_diff")),
@@ -157,9 +157,10 @@ def _heads_section(c: Comparison, has_ablation: bool) -> tuple[Section, list[str
 
 def _attention_section(c: Comparison) -> tuple[Section, list[str]]:
     att = c.run_analysis("compare_first_token_attention")
-    prof = c.run_analysis("compare_depth_profile", bins=10, threshold=SINK_THRESHOLD)
+    prof = _in_order(c.run_analysis("compare_depth_profile", bins=10, threshold=SINK_THRESHOLD), c.labels)
     heat = alt.Chart(_data(att.select("model", "layer", "head", "rel_depth", "mean_mass_first")),
-                     title="Attention from the last position to position 0, per head (x: layer / n_layers)").mark_rect(
+                     title="Attention from the last position to position 0, per head (x: layer / n_layers in "
+                           "bins of 0.05; a bin holding two layers shows the larger)").mark_rect(
     ).encode(
         x=alt.X("rel_depth:Q", bin=alt.Bin(step=0.05), title="relative depth (layer / n_layers, bins of 0.05)"),
         y=alt.Y("head:O", title="head"),

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 
 import polars as pl
 import pytest
@@ -143,8 +144,9 @@ def test_smollm2_vs_gemma3_270m(tmp_path) -> None:
     words = tmp_path / "words.txt"
     words.write_text("cat\ndog\nhouse\ntree\n")
     outs = {"smollm2": tmp_path / "smol", "gemma": tmp_path / "gemma"}
-    for (label, out), (alias, layers) in zip(outs.items(), (("smollm2-135m-instruct", "28,29"),
-                                                            ("gemma3-270m", "16,17")), strict=True):
+    ablated = {"smollm2": {28, 29}, "gemma": {16, 17}}
+    for (label, out), alias in zip(outs.items(), ("smollm2-135m-instruct", "gemma3-270m"), strict=True):
+        layers = ",".join(map(str, sorted(ablated[label])))
         r = run("extract", "-q", "-m", alias, "--words", words, "--out", out, "--ablate-layers", layers)
         assert r.exit_code == 0, (label, r.output)
     html = tmp_path / "cmp.html"
@@ -170,5 +172,24 @@ def test_smollm2_vs_gemma3_270m(tmp_path) -> None:
         assert e["emergence_layer"].to_list() == el["emergence_layer"].to_list()
         best = top.filter((pl.col("model") == label) & (pl.col("measure") == "ablation") & (pl.col("rank") == 1))
         assert (best["layer"][0], best["head"][0]) == (abl["layer"][0], abl["head"][0])
-        assert best["layer"][0] in {28, 29} | {16, 17}
+        assert best["layer"][0] in ablated[label]
     assert sum(acc.filter(pl.col("model") == "gemma")["n_echo_correct"]) >= 5  # measured 41/44 + 36/44 on 44 words
+
+
+@pytest.mark.browser
+def test_comparison_renders_in_headless_chromium(pair, tmp_path) -> None:
+    """Every comparison chart (facets, offsets, binned rects) settles in a real browser."""
+    from tests.reports.test_report import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (scripts/setup.sh --browser installs it)")
+    out = tmp_path / "cmp.html"
+    out.write_text(render_html(build_comparison(pair, per_model=False)))
+    n_charts = out.read_text().count("class='chart'")
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--proxy-server=127.0.0.1:9", "--virtual-time-budget=15000"]
+    dom = subprocess.run([*args, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert n_charts == 5
+    assert f'data-charts-rendered="{n_charts}"' in dom and 'data-failed="yes"' not in dom
