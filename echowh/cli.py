@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("echowh.cli_query", "query", "Run SQL or a named analysis over a warehouse."),
     "analyses": ("echowh.cli_query", "analyses", "List the named analyses and their parameters."),
     "report": ("echowh.cli_report", "report", "Write the self-contained HTML report of a warehouse."),
+    "verify": ("echowh.cli_verify", "verify", "Check a warehouse end to end (hashes, structure, invariants)."),
 }
 
 
@@ -28,6 +29,18 @@ class LazyGroup(click.Group):
             return None
         module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):
+        """A damaged or foreign warehouse is one line and exit 1 in every command, whichever
+        layer the store's WarehouseError surfaces through (never a traceback)."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if type(e).__name__ == "WarehouseError" and type(e).__module__ == "store.errors":
+                raise click.ClickException(str(e)) from None
+            raise
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
@@ -48,6 +61,7 @@ def main() -> None:
       echowh query -a emergence_layer             # run one
       echowh query "SELECT * FROM prompts LIMIT 5"
       echowh report -o out/report.html            # self-contained HTML report
+      echowh verify                               # scrub: every shard intact and ours
 
     \b
     Environment: ECHOWH_WAREHOUSE (default -w), ECHOWH_CACHE (converted embedded

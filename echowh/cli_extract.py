@@ -57,6 +57,10 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--resume", is_flag=True,
               help="Continue a warehouse made with the same model and prompt set, skipping "
                    "finished prompts (a killed run loses nothing it had finished).")
+@click.option("--allow-env-change", is_flag=True,
+              help="With --resume: continue even if the device, dtype, torch or transformers version "
+                   "differs from the run that made the warehouse (refused otherwise; every run's "
+                   "environment is recorded in the manifest).")
 @click.option("--words", type=click.Path(path_type=Path, dir_okay=False),
               help="Word file, one word per line (# comments allowed). Default: 44 common words.")
 @click.option("--template", "templates", multiple=True,
@@ -89,7 +93,7 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--ablate-layers", callback=_layers, default=None,
               help="Blocks to ablate, 0-based: all (default), 20,21,22, or 18-25 (both ends included).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def extract(model, out, resume, words, templates, no_chat_template, chat_template_file, system_prompt,
+def extract(model, out, resume, allow_env_change, words, templates, no_chat_template, chat_template_file, system_prompt,
             prepend_bos, dtype, device, store_dtype, max_new_tokens, top_k, head_out_all_positions,
             batch_size, ablation, ablate_positions, ablate_layers, quiet) -> None:
     """Run a model over words x templates and store every tensor the study needs.
@@ -119,7 +123,7 @@ def extract(model, out, resume, words, templates, no_chat_template, chat_templat
             chat_template_file=chat_template_file, system_prompt=system_prompt,
             prepend_bos=prepend_bos, max_new_tokens=max_new_tokens, top_k=top_k,
             store_dtype=store_dtype, head_out_all_positions=head_out_all_positions,
-            batch_size=batch_size, resume=resume, ablation=ablation,
+            batch_size=batch_size, resume=resume, allow_env_change=allow_env_change, ablation=ablation,
             ablate_positions=ablate_positions, ablate_layers=ablate_layers, progress=not quiet,
             extra={"command": " ".join(["echowh", *sys.argv[1:]])},
         )

@@ -2,6 +2,11 @@
 
 Hooks only read: the model runs exactly as Hugging Face wrote it, and its own logits are
 compared with what the captured tensors imply (the invariants), so a wrong hook shows up.
+
+The hook points come from the family adapter (extract.families): ``attn_out`` / ``mlp_out`` are
+each block's contribution to the residual (after gemma's post-attention / post-feedforward
+norms), per-head outputs carry the frozen post-norm gain under sandwich norms, and DLA
+attributes the pre-soft-cap logit (invariant 4 compares cap * tanh(sum / cap) with the model).
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ class Captured:
 
     input_ids: torch.Tensor  # (B, T)
     resid: torch.Tensor  # (B, L+1, T, D)
-    attn_out: torch.Tensor  # (B, L, T, D)
-    mlp_out: torch.Tensor  # (B, L, T, D)
+    attn_out: torch.Tensor  # (B, L, T, D) the attention block's residual contribution
+    mlp_out: torch.Tensor  # (B, L, T, D) the MLP block's (post-norm output under sandwich norms)
     z: torch.Tensor  # (B, L, T, H*hd)  o_proj inputs
     pattern: torch.Tensor  # (B, L, H, T, T)
-    logits: torch.Tensor  # (B, V) the model's own logits at the last position
+    logits: torch.Tensor  # (B, V) the model's own logits at the last position (soft-capped if it caps)
     cache: object  # the model's KV cache, to continue generation without recomputing
 
 
@@ -44,11 +49,16 @@ def _hooks(adapter: Adapter, store: dict[str, list]):
         if store["on"]:
             store["resid"][len(layers)] = (out[0] if isinstance(out, tuple) else out).detach()
 
-    def post_attn(i):
+    def post_pattern(i):
         def fn(mod, args, out):
             if store["on"]:
-                store["attn"][i] = out[0].detach()
                 store["pattern"][i] = out[1].detach()
+        return fn
+
+    def post_point(key, i, is_tuple):
+        def fn(mod, args, out):
+            if store["on"]:
+                store[key][i] = (out[0] if is_tuple else out).detach()
         return fn
 
     def pre_o(i):
@@ -57,18 +67,14 @@ def _hooks(adapter: Adapter, store: dict[str, list]):
                 store["z"][i] = args[0].detach()
         return fn
 
-    def post_mlp(i):
-        def fn(mod, args, out):
-            if store["on"]:
-                store["mlp"][i] = out.detach()
-        return fn
-
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(pre_layer(i), with_kwargs=True))
-            handles.append(layer.self_attn.register_forward_hook(post_attn(i)))
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre_o(i)))
-            handles.append(layer.mlp.register_forward_hook(post_mlp(i)))
+            point, is_tuple = adapter.attn_point(i)  # the block's residual contribution
+            handles.append(layer.self_attn.register_forward_hook(post_pattern(i)))
+            handles.append(point.register_forward_hook(post_point("attn", i, is_tuple)))
+            handles.append(adapter.o_proj(i).register_forward_pre_hook(pre_o(i)))
+            handles.append(adapter.mlp_point(i).register_forward_hook(post_point("mlp", i, False)))
         handles.append(layers[-1].register_forward_hook(post_last))
         yield
     finally:
@@ -105,12 +111,23 @@ def capture(adapter: Adapter, input_ids: torch.Tensor) -> Captured:
     return cap
 
 
-def head_outputs(adapter: Adapter, z: torch.Tensor, layer: int) -> torch.Tensor:
-    """Per-head outputs of one layer: (B, T, H*hd) o_proj inputs -> (B, T, H, D)."""
+def head_outputs(adapter: Adapter, z: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-head outputs of one layer: (B, T, H*hd) o_proj inputs -> (B, T, H, D), and the bias term.
+
+    Under sandwich norms each head is scaled by the post-attention norm's frozen gain at its
+    position (extract.families), and so is the o_proj bias: the bias term is (B, T, D) then.
+    Without a post-norm the bias term is the o_proj bias itself (D,), or None.
+    """
     a = adapter.arch
-    zh = z.view(*z.shape[:-1], a.n_heads, a.head_dim)  # (B, T, H, hd)
+    zh = z.float().view(*z.shape[:-1], a.n_heads, a.head_dim)  # (B, T, H, hd)
     w = adapter.w_o(layer).float()  # (D, H, hd)
-    return torch.einsum("bthk,dhk->bthd", zh, w)
+    ho = torch.einsum("bthk,dhk->bthd", zh, w)
+    bias = adapter.o_bias(layer)
+    bias = None if bias is None else bias.float()
+    gain = adapter.head_gain(layer, z)  # (B, T, D) or None
+    if gain is None:
+        return ho, bias
+    return ho * gain[:, :, None], (None if bias is None else gain * bias)
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -170,26 +187,26 @@ def derive(
     # their sum against the attention output at every position that is stored.
     head_all = torch.empty(B, L, T, H, D, device=dev) if head_out_all else None
     head_last = torch.empty(B, L, H, D, device=dev)
+    bias_last = torch.zeros(B, L, D, device=dev)  # o_proj bias term at the last position
     inv2_abs = torch.zeros(B, dtype=torch.float64, device=dev)
     inv2_scale = torch.ones(B, dtype=torch.float64, device=dev)
     for layer in range(L):
         zl = cap.z[:, layer] if head_all is not None else cap.z[:, layer, -1:]  # (B, T', H*hd)
-        ho = head_outputs(adapter, zl, layer)  # (B, T', H, D)
+        ho, bias = head_outputs(adapter, zl, layer)  # (B, T', H, D), bias term (D,)|(B, T', D)|None
         head_last[:, layer] = ho[:, -1]
         if head_all is not None:
             head_all[:, layer] = ho
         total = ho.sum(2)  # (B, T', D)
-        bias = adapter.o_bias(layer)
         if bias is not None:
-            total = total + bias.float()
+            total = total + bias
+            bias_last[:, layer] = bias if bias.dim() == 1 else bias[:, -1]
         ref = cap.attn_out[:, layer, -zl.shape[1]:]
         inv2_abs = torch.maximum(inv2_abs, (total - ref).abs().amax((1, 2)).double())
         inv2_scale = torch.maximum(inv2_scale, ref.abs().amax((1, 2)).double())
 
-    # Logit lens at the last position, with the model's own final norm per boundary.
+    # Logit lens at the last position, with the model's own final norm (and soft-cap) per boundary.
     x_last = cap.resid[:, :, -1]  # (B, L+1, D)
-    normed = adapter.final_norm(x_last.to(adapter.lm_head.weight.dtype))
-    lens_logits = adapter.lm_head(normed).float()  # (B, L+1, V)
+    lens_logits = adapter.logits(x_last.to(adapter.lm_head.weight.dtype))  # (B, L+1, V)
     lse = torch.logsumexp(lens_logits, -1, keepdim=True)  # (B, L+1, 1)
     topv, topi = lens_logits.topk(top_k, dim=-1)  # (B, L+1, K)
     top_p = (topv - lse).exp()
@@ -198,24 +215,21 @@ def derive(
     t_prob = (t_logit - lse[..., 0]).exp()
     t_rank = (lens_logits > t_logit[..., None]).sum(-1)  # (B, L+1)
 
-    # Invariant 1: our own final norm + unembedding from the last residual, full vocabulary.
-    g = adapter.final_norm.weight.float()
+    # Invariant 1: our own final norm + unembedding (+ soft-cap) from the last residual, full vocabulary.
+    g = adapter.norm_gain(adapter.final_norm)  # (D,) w, or 1 + w
     w_u = adapter.lm_head.weight.float()  # (V, D)
     scale = rms_scale(cap.resid[:, L, -1], a.norm_eps)  # (B, 1)
-    manual = (cap.resid[:, L, -1] * scale * g) @ w_u.T  # (B, V)
+    manual = adapter.softcap((cap.resid[:, L, -1] * scale * g) @ w_u.T)  # (B, V)
 
-    # DLA to the target with the frozen final scale.
+    # DLA to the target's PRE-cap logit with the frozen final scale (the soft-cap is not linear).
     u = adapter.folded_unembed(tgt)  # (B, D)
     s = scale[:, 0]  # (B,)
     dla_head = torch.einsum("blhd,bd->blh", head_last, u) * s[:, None, None]
     dla_mlp = torch.einsum("bld,bd->bl", cap.mlp_out[:, :, -1], u) * s[:, None]
     dla_embed = (cap.resid[:, 0, -1] * u).sum(-1) * s
-    dla_bias = torch.zeros(B, L, device=dev)
-    for layer in range(L):
-        bias = adapter.o_bias(layer)
-        if bias is not None:
-            dla_bias[:, layer] = (u @ bias.float()) * s
-    dla_total = dla_embed + dla_head.sum((1, 2)) + dla_bias.sum(1) + dla_mlp.sum(1)
+    dla_bias = torch.einsum("bld,bd->bl", bias_last, u) * s[:, None]
+    dla_total = dla_embed + dla_head.sum((1, 2)) + dla_bias.sum(1) + dla_mlp.sum(1)  # pre-cap
+    # Invariant 4 under a final soft-cap: cap * tanh(DLA total / cap) == the model's target logit.
     model_target = cap.logits.gather(1, tgt[:, None])[:, 0]
 
     # Invariant 3, a layer at a time: (B, T, D) temporaries, not (B, L, T, D).
@@ -229,7 +243,7 @@ def derive(
         "logits_from_resid": invariant_errors(manual, cap.logits),
         "heads_sum_to_attn": _errors(inv2_abs, inv2_scale),
         "resid_chain": _errors(chain_abs, chain_ref),
-        "dla_sums_to_logit": invariant_errors(dla_total, model_target),
+        "dla_sums_to_logit": invariant_errors(adapter.softcap(dla_total), model_target),
         "lens_last_is_logits": invariant_errors(lens_logits[:, L], cap.logits),
     }
 

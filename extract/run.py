@@ -29,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from store.lock import refuse_if_writing
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
@@ -68,6 +69,31 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
+
+
+def environment(adapter: Adapter, cfg: ExtractConfig) -> dict[str, Any]:
+    """Where and with what this run computes: one entry of the manifest's ``environments``.
+
+    A resume must match the first run's device, dtype, torch and transformers versions
+    (store.schema.ENV_MUST_MATCH) unless ``allow_env_change``.
+    """
+    dev = adapter.lm_head.weight.device
+    libs = library_versions()
+    env = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": dev.type,
+        "dtype": cfg.dtype,
+        "torch": libs["torch"],
+        "transformers": libs["transformers"],
+        "torch_threads": torch.get_num_threads(),
+        "python": libs["python"],
+        "platform": platform.platform(),
+        "host": platform.node(),
+    }
+    if dev.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    return env
 
 
 def tokenizer_hash(tok) -> str:
@@ -134,6 +160,7 @@ def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: lis
         "prompts": [{"index": p.index, "word": p.word, "template_index": p.template_index,
                      "n_tokens": p.n_tokens} for p in prompts],
         "libraries": library_versions(),
+        "environments": [environment(adapter, cfg)],  # a resume appends its own
     }
 
 
@@ -145,12 +172,13 @@ def _write_model_file(w: WarehouseWriter, adapter: Adapter, tok, prompts: list[P
     with torch.no_grad(), w.model_writer() as s:
         s.put(M.UNEMBED_IDS, np.array(ids, np.int32))
         s.put(M.UNEMBED_ROWS, adapter.folded_unembed(torch.tensor(ids, device=adapter.lm_head.weight.device)).cpu().numpy())
-        s.put(M.FINAL_NORM_WEIGHT, adapter.final_norm.weight.float().cpu().numpy())
+        s.put(M.FINAL_NORM_WEIGHT, adapter.norm_gain(adapter.final_norm).cpu().numpy())
         s.put(M.KV_GROUP, np.array(a.kv_group, np.int32))
         s.put(M.VOCAB_TEXT, vocab)
         s.attrs({"model_type": a.model_type, "n_layers": a.n_layers, "n_heads": a.n_heads,
                  "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "d_model": a.d_model,
                  "vocab_size": a.vocab_size, "norm_eps": a.norm_eps,
+                 "final_softcap": float(a.final_softcap or 0.0),
                  "fingerprint": w.manifest["fingerprint"]})
 
 
@@ -179,10 +207,20 @@ def eos_ids(adapter: Adapter, tok) -> set[int]:
 def extract(cfg: ExtractConfig, log=print) -> RunSummary:
     """Run the whole extraction (and ablation grid) into ``cfg.out``."""
     t0 = time.perf_counter()
+    refuse_if_writing(cfg.out)  # at once, before minutes of model loading; create() locks
     adapter, tok, ident, words, prompts = prepare(cfg)
     t_load = time.perf_counter() - t0
     manifest = _manifest(cfg, adapter, tok, ident, words, prompts)
-    w = WarehouseWriter.create(cfg.out, manifest, resume=cfg.resume)
+    w = WarehouseWriter.create(cfg.out, manifest, resume=cfg.resume, allow_env_change=cfg.allow_env_change)
+    try:
+        return _run(cfg, w, adapter, tok, prompts, t0, t_load, log)
+    finally:
+        w.close()  # the writer lock; the OS also releases it if this process dies
+
+
+def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts: list[Prompt],
+         t0: float, t_load: float, log) -> RunSummary:
+    manifest = w.manifest
     if not w.has_model_file():
         _write_model_file(w, adapter, tok, prompts)
     done = w.done()

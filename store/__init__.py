@@ -1,5 +1,6 @@
 """The HDF5 warehouse: schema, crash-safe writer, read-only reader (numpy + h5py only)."""
 
+from store.errors import WarehouseError
 from store.schema import (
     INVARIANTS,
     SCHEMA_VERSION,
@@ -10,9 +11,8 @@ from store.schema import (
     Mode,
     Role,
 )
+from store.shard import ShardWriter
 from store.warehouse import (
-    ShardWriter,
-    WarehouseError,
     WarehouseReader,
     WarehouseWriter,
     validation_array,

@@ -7,9 +7,15 @@ A warehouse is a directory::
       model.h5                 per-model arrays: folded unembedding rows, vocab text, head groups
       prompts/p00000.h5 ...    one immutable shard per prompt (clean-run tensors)
       ablation/p00000.h5 ...   one immutable shard per prompt (ablation results), optional
+      shards.sha256            SHA-256 of every committed file, recorded before its rename
+      writer.lock              flock'ed by the one running extraction (holder: pid, host, start)
 
 Every shard is written as ``*.partial`` and renamed when complete, so a killed run never
-leaves a half-written file under its final name.
+leaves a half-written file under its final name. Every dataset with data is chunked with
+HDF5's Fletcher32 checksum and every file uses the HDF5 1.10 format (checksummed metadata);
+strings are fixed-length (the global heap of variable-length strings has no checksum), and
+scalars are compact (inside the checksummed object header): a flipped byte anywhere a read
+looks raises instead of returning a wrong number (``echowh verify`` finds the rest).
 
 Datasets are named by a typed :class:`Field` (never by parsing strings): each field knows
 its HDF5 name, its axes and whether it is an activation (stored in ``--store-dtype``).
@@ -24,13 +30,22 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-SCHEMA_VERSION = 2  # 2: ablation shards carry a validation dataset (ablation_clean_is_model)
+SCHEMA_VERSION = 3
+# 2: ablation shards carry a validation dataset (ablation_clean_is_model)
+# 3: Fletcher32 on every dataset, HDF5 1.10 format, fixed-length strings, shards.sha256,
+#    writer.lock, a manifest "environments" list (one entry per run, resumes included)
 WAREHOUSE_KIND = "echo-warehouse"
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.h5"
 PROMPTS_DIR = "prompts"
 ABLATION_DIR = "ablation"
 PARTIAL_SUFFIX = ".partial"
+LEDGER_NAME = "shards.sha256"
+LOCK_NAME = "writer.lock"
+
+# Environment keys a resume must match (else refused unless --allow-env-change): results
+# differ across devices, dtypes and library versions in the last bits.
+ENV_MUST_MATCH: tuple[str, ...] = ("device", "dtype", "torch", "transformers")
 
 StoreDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -164,15 +179,20 @@ class M:
     UNEMBED_IDS = Field("unembed_ids", ("R",), "int32", "token ids of the stored unembedding rows")
     UNEMBED_ROWS = Field(
         "unembed_rows", ("R", "D"), "float32",
-        "W_U rows with the final-norm weight folded in: logit = final_scale * resid . row",
+        "W_U rows with the final-norm gain folded in: pre-cap logit = final_scale * resid . row",
     )
-    FINAL_NORM_WEIGHT = Field("final_norm_weight", ("D",), "float32", "final RMSNorm weight")
+    FINAL_NORM_WEIGHT = Field("final_norm_weight", ("D",), "float32",
+                              "final RMSNorm gain as applied: w, or 1 + w for gemma families")
     KV_GROUP = Field("kv_group", ("H",), "int32", "KV head read by each query head (GQA)")
     VOCAB_TEXT = Field("vocab_text", ("V",), "str", "every token id decoded on its own")
 
+    ALL: tuple[Field, ...] = ()  # filled below
+
+
+M.ALL = tuple(v for v in vars(M).values() if isinstance(v, Field))
 
 MODEL_ATTRS: dict[str, str] = {
-    "model_type": "config.model_type (llama, qwen2)",
+    "model_type": "config.model_type (llama, qwen2, qwen3, mistral, phi3, gemma2, gemma3_text)",
     "n_layers": "L",
     "n_heads": "H (query heads)",
     "n_kv_heads": "KV heads",
@@ -180,6 +200,9 @@ MODEL_ATTRS: dict[str, str] = {
     "d_model": "D",
     "vocab_size": "V",
     "norm_eps": "final RMSNorm epsilon",
+    "final_softcap": "final-logit soft-cap c (logit = c * tanh(pre / c); DLA sums to the pre-cap "
+                     "logit); 0 = none",
+    "fingerprint": "the run fingerprint (stamped by the writer)",
 }
 
 
@@ -198,6 +221,10 @@ class A:
     VALIDATION = Field("validation", ("I",), "compound",
                        "invariant checks of the ablation run (ablation_clean_is_model)", optional=True)
 
+    ALL: tuple[Field, ...] = ()  # filled below
+
+
+A.ALL = tuple(v for v in vars(A).values() if isinstance(v, Field))
 
 ABLATION_ATTRS: dict[str, str] = {
     "prompt_index": "index of the prompt",
@@ -207,6 +234,8 @@ ABLATION_ATTRS: dict[str, str] = {
     "layers": "the layers on axis L (block indices)",
     "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block",
 }
+
+# Every shard (and model.h5) also carries ``schema_version``, stamped on commit.
 
 
 def prompt_shard_name(index: int) -> str:

@@ -1,4 +1,4 @@
-"""Crash-safe writer and read-only reader of a warehouse directory (numpy + h5py only)."""
+"""Crash-safe writer and read-only, self-checking reader of a warehouse (numpy + h5py only)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from store.checks import FIELDS, Expect, Kind, check_dataset, check_names, shard_dims, text
+from store.errors import WarehouseError, first_line
+from store.ledger import Ledger
+from store.lock import WriterLock
 from store.schema import (
     ABLATION_DIR,
+    ENV_MUST_MATCH,
+    LOCK_NAME,
     MANIFEST_NAME,
     MODEL_FILE,
     PARTIAL_SUFFIX,
@@ -26,29 +32,7 @@ from store.schema import (
     StoreDtype,
     prompt_shard_name,
 )
-
-FLOAT16_MAX = 65504.0
-
-
-class WarehouseError(Exception):
-    """A user-facing problem with a warehouse directory (missing, foreign, mismatched)."""
-
-
-def _bfloat16_type() -> h5py.h5t.TypeFloatID:
-    """A 16-bit IEEE-style float with float32's exponent: HDF5 converts it on read."""
-    t = h5py.h5t.IEEE_F32LE.copy()
-    t.set_fields(15, 7, 8, 0, 7)
-    t.set_size(2)
-    t.set_ebias(127)
-    return t
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from store.shard import ShardWriter, fsync_dir
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -60,7 +44,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _json_default(o: Any) -> Any:
@@ -73,155 +57,75 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _attr_value(v: Any) -> Any:
-    if isinstance(v, bool | np.bool_):
-        return np.bool_(v)
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
-        return np.array(v, dtype=h5py.string_dtype())
-    return v
-
-
-class ShardWriter:
-    """Writes one immutable HDF5 file under ``*.partial`` and renames it on close."""
-
-    def __init__(self, final: Path, store_dtype: StoreDtype = "float32") -> None:
-        self.final = final
-        self.tmp = final.with_name(final.name + PARTIAL_SUFFIX)
-        self.store_dtype = store_dtype
-        self.warnings: list[str] = []
-        # v110 bounds: readable by the HDF5 1.10 tools Debian ships (h5dump), not only h5py.
-        self._f = h5py.File(self.tmp, "w", libver=("earliest", "v110"))
-
-    def put(self, field: Field, value: Any) -> None:
-        """Store ``value`` under ``field``; activations in the run's store dtype."""
-        name = field.name
-        if field.dtype == "str":
-            # HDF5 variable-length strings end at NUL: spell it out (byte-level BPE has one).
-            text = [str(v).replace("\x00", "\\x00") for v in value]
-            self._f.create_dataset(name, data=np.array(text, dtype=h5py.string_dtype()))
-            return
-        if field.dtype == "compound":
-            self._f.create_dataset(name, data=value)
-            return
-        arr = np.asarray(value, dtype=np.dtype(field.dtype))
-        if len(field.axes) != arr.ndim:
-            raise ValueError(f"{name}: expected axes {field.axes}, got shape {arr.shape}")
-        chunks = (1, *arr.shape[1:]) if arr.ndim >= 2 and arr.shape[0] > 1 else None
-        if not field.activation or self.store_dtype == "float32":
-            self._f.create_dataset(name, data=arr, chunks=chunks)
-            return
-        if self.store_dtype == "float16":
-            peak = float(np.max(np.abs(arr))) if arr.size else 0.0
-            if not np.isfinite(peak) or peak > FLOAT16_MAX:
-                # float16 would turn these into inf: keep this dataset in float32 and say so.
-                self.warnings.append(
-                    f"{self.final.name}:{name} has |x| up to {peak:.4g} > {FLOAT16_MAX:g}; "
-                    "stored as float32 instead of float16"
-                )
-                ds = self._f.create_dataset(name, data=arr, chunks=chunks)
-                ds.attrs["float16_overflow_fallback"] = True
-                return
-            self._f.create_dataset(name, data=arr.astype(np.float16), chunks=chunks)
-            return
-        # bfloat16: a committed 16-bit float type, converted by HDF5 on read.
-        tid = _bfloat16_type()
-        if "bfloat16" not in self._f:
-            tid.commit(self._f.id, b"bfloat16")
-        tid = h5py.h5t.open(self._f.id, b"bfloat16")
-        space = h5py.h5s.create_simple(arr.shape)
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        if chunks:
-            dcpl.set_chunk(chunks)
-        dsid = h5py.h5d.create(self._f.id, name.encode(), tid, space, dcpl=dcpl)
-        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, arr)
-
-    def attrs(self, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            self._f.attrs[k] = _attr_value(v)
-
-    def commit(self) -> None:
-        """Flush, fsync, rename to the final name: after this the shard is complete."""
-        self._f.attrs["schema_version"] = SCHEMA_VERSION
-        self._f.flush()
-        self._f.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-
-    def abort(self) -> None:
-        try:
-            self._f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
 def validation_array(rows: list[tuple[str, float, float, float, bool]]) -> np.ndarray:
     """Rows of (invariant, max_abs_err, rel_err, tolerance, passed) as the stored dtype."""
     return np.array(rows, dtype=VALIDATION_DTYPE)
 
 
 class WarehouseWriter:
-    """Creates or resumes a warehouse directory; every file it leaves is complete."""
+    """Creates or resumes a warehouse directory; every file it leaves is complete.
+
+    Holds the warehouse's writer lock (store.lock) from ``create`` until ``close`` or the
+    process's death; records every committed file's SHA-256 in the ledger (store.ledger).
+    """
+
+    manifest: dict[str, Any]
 
     def __init__(self, root: Path, store_dtype: StoreDtype = "float32") -> None:
         self.root = Path(root)
         self.store_dtype = store_dtype
         self.warnings: list[str] = []
+        self.ledger = Ledger(self.root)
+        self._lock: WriterLock | None = None
+        self.manifest = {}  # set by create(); a bare writer stamps no fingerprint
 
     @classmethod
-    def create(cls, root: Path, manifest: dict[str, Any], *, resume: bool) -> WarehouseWriter:
+    def create(cls, root: Path, manifest: dict[str, Any], *, resume: bool,
+               allow_env_change: bool = False) -> WarehouseWriter:
         """Start a new warehouse at ``root``, or continue one made with the same fingerprint.
 
-        Refuses to touch a directory that is not ours, or one of ours made from another
-        model or prompt set.
+        Refuses, changing nothing: a directory that is not ours; one of ours made from another
+        model or prompt set; one another writer holds; on resume, an environment whose
+        ``ENV_MUST_MATCH`` keys differ from the first run's (unless ``allow_env_change``).
+        ``manifest["environments"]``, if given, is this run's entry: a resume appends it.
         """
         root = Path(root)
-        mpath = root / MANIFEST_NAME
-        if mpath.exists():
-            old = _load_manifest(root)
-            if not resume:
-                raise WarehouseError(
-                    f"{root} already holds a warehouse; pass --resume to continue it, "
-                    "or choose a new --out directory"
-                )
-            if old.get("fingerprint") != manifest["fingerprint"]:
-                diff = _fingerprint_diff(old.get("fingerprint_parts", {}), manifest["fingerprint_parts"])
-                raise WarehouseError(
-                    f"cannot resume {root}: it was made with a different {diff}; "
-                    "use a new --out directory or the original settings"
-                )
-            # Carried over: a resume adds to the record of the run, it does not replace it.
-            manifest = {**manifest, "timings": old.get("timings", {}), "created": old.get("created"),
-                        "warnings": old.get("warnings", [])}
-        elif root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not (root / MANIFEST_NAME).exists() and root.exists() and any(
+                p for p in root.iterdir() if not p.name.startswith(".") and p.name != LOCK_NAME):
             raise WarehouseError(
                 f"{root} exists and is not an echo-warehouse (no {MANIFEST_NAME}); "
                 "choose an empty or new --out directory"
             )
         root.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock.acquire(root)  # before anything else is read or changed
+        try:
+            manifest = _admit(root, manifest, resume=resume, allow_env_change=allow_env_change)
+            lock.announce(str((manifest.get("config") or {}).get("extra", {}).get("command", "")))
+        except BaseException:
+            lock.release(clear=False)
+            raise
+        w = cls(root, manifest.get("config", {}).get("store_dtype", "float32"))
+        w._lock = lock
         (root / PROMPTS_DIR).mkdir(exist_ok=True)
         (root / ABLATION_DIR).mkdir(exist_ok=True)
         for stale in root.rglob(f"*{PARTIAL_SUFFIX}"):
             stale.unlink()  # left by a killed run: never complete, safe to drop
-        w = cls(root, manifest.get("config", {}).get("store_dtype", "float32"))
+        w.ledger.compact()
         w.manifest = manifest
         w.write_manifest()
         return w
 
-    manifest: dict[str, Any]
+    def close(self) -> None:
+        """Release the writer lock (also released by the OS if the process dies)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> WarehouseWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def write_manifest(self, **updates: Any) -> None:
         self.manifest.update(updates)
@@ -236,18 +140,54 @@ class WarehouseWriter:
     def has_model_file(self) -> bool:
         return (self.root / MODEL_FILE).exists()
 
+    def _stamp(self, **more: Any) -> dict[str, Any]:
+        fp = self.manifest.get("fingerprint")
+        return {**({"fingerprint": fp} if fp is not None else {}), **more}
+
     def model_writer(self) -> ShardWriter:
-        return ShardWriter(self.root / MODEL_FILE, "float32")
+        return ShardWriter(self.root / MODEL_FILE, "float32", ledger=self.ledger, stamp=self._stamp())
 
     def shard_writer(self, index: int, subdir: str = PROMPTS_DIR) -> ShardWriter:
-        return _Collecting(self.root / subdir / prompt_shard_name(index), self.store_dtype, self.warnings)
+        return _Collecting(self.root / subdir / prompt_shard_name(index), self.store_dtype, self.warnings,
+                           ledger=self.ledger, stamp=self._stamp(prompt_index=index))
+
+
+def _admit(root: Path, manifest: dict[str, Any], *, resume: bool, allow_env_change: bool) -> dict[str, Any]:
+    """Under the lock: may this run write here? Returns the manifest to write."""
+    if not (root / MANIFEST_NAME).exists():
+        return manifest
+    old = _load_manifest(root)
+    if not resume:
+        raise WarehouseError(
+            f"{root} already holds a warehouse; pass --resume to continue it, "
+            "or choose a new --out directory"
+        )
+    if old.get("fingerprint") != manifest["fingerprint"]:
+        diff = _fingerprint_diff(old.get("fingerprint_parts", {}), manifest["fingerprint_parts"])
+        raise WarehouseError(
+            f"cannot resume {root}: it was made with a different {diff}; "
+            "use a new --out directory or the original settings"
+        )
+    before, now = old.get("environments") or [], manifest.get("environments") or []
+    if before and now and not allow_env_change:
+        changed = [f"{k} {before[0].get(k)} -> {now[-1].get(k)}" for k in ENV_MUST_MATCH
+                   if before[0].get(k) != now[-1].get(k)]
+        if changed:
+            raise WarehouseError(
+                f"cannot resume {root}: the environment differs from the run that made it "
+                f"({'; '.join(changed)}); numbers would mix environments: pass --allow-env-change "
+                "to resume anyway (both environments are recorded)"
+            )
+    # Carried over: a resume adds to the record of the run, it does not replace it.
+    return {**manifest, "timings": old.get("timings", {}), "created": old.get("created"),
+            "warnings": old.get("warnings", []), "environments": [*before, *now]}
 
 
 class _Collecting(ShardWriter):
     """A shard writer that hands its warnings to the warehouse writer on commit."""
 
-    def __init__(self, final: Path, store_dtype: StoreDtype, sink: list[str]) -> None:
-        super().__init__(final, store_dtype)
+    def __init__(self, final: Path, store_dtype: StoreDtype, sink: list[str], **kw: Any) -> None:
+        super().__init__(final, store_dtype, **kw)
         self._sink = sink
 
     def commit(self) -> None:
@@ -271,12 +211,13 @@ def _fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return ", ".join(keys) if keys else "configuration"
 
 
-def _load_manifest(root: Path) -> dict[str, Any]:
-    mpath = root / MANIFEST_NAME
+def load_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of ``root``, refusing foreign directories and other schema versions."""
+    mpath = Path(root) / MANIFEST_NAME
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise WarehouseError(f"{mpath} is unreadable ({e}); is this an echo-warehouse?") from e
+        raise WarehouseError(f"{mpath} is unreadable ({e}); is this an echo-warehouse?") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != WAREHOUSE_KIND:
         raise WarehouseError(f"{root} is not an echo-warehouse ({MANIFEST_NAME} has another kind)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -287,8 +228,67 @@ def _load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+_load_manifest = load_manifest
+
+
+class _Dataset(h5py.Dataset):
+    """A dataset whose reads turn HDF5 failures (a Fletcher32 mismatch) into a WarehouseError."""
+
+    def __getitem__(self, args: Any, new_dtype: Any = None) -> Any:
+        try:
+            return super().__getitem__(args, new_dtype=new_dtype)
+        except OSError as e:
+            raise _damaged(self, e) from None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        try:
+            return super().__array__(dtype, copy)
+        except OSError as e:
+            raise _damaged(self, e) from None
+
+
+def _damaged(ds: h5py.Dataset, e: Exception) -> WarehouseError:
+    root = Path(ds.file.filename).parent.parent
+    return WarehouseError(f"{ds.file.filename}: dataset {ds.name.lstrip('/')} is damaged ({first_line(e)}); "
+                          f"`echowh verify -w {root}` lists every damaged file")
+
+
+class _Shard(h5py.File):
+    """A shard opened read-only whose datasets are checked against the schema on first use."""
+
+    kind: Kind
+    dims: dict[str, int]
+    expect: Expect
+    checked: set[str]
+
+    def __getitem__(self, name: Any) -> Any:
+        try:
+            obj = super().__getitem__(name)
+        except (KeyError, OSError) as e:
+            if isinstance(e, KeyError) and not (isinstance(name, str) and name in self):
+                raise  # no such object: Group.get and `in` rely on this KeyError
+            raise WarehouseError(f"{self.filename}: object {name} is damaged ({first_line(e)}); "
+                                 "`echowh verify` lists every damaged file") from None
+        if not isinstance(obj, h5py.Dataset):
+            return obj
+        key = obj.name.lstrip("/")
+        if key not in self.checked:
+            fld = next((f for f in FIELDS[self.kind] if f.name == key), None)
+            bad = check_dataset(obj, fld, self.dims, self.expect) if fld is not None else None
+            if bad:
+                raise WarehouseError(f"{self.filename}: {bad}; `echowh verify` lists every damaged file")
+            self.checked.add(key)
+        return _Dataset(obj.id)
+
+
 class WarehouseReader:
-    """Read-only access to a warehouse: files are opened in 'r' mode and never written."""
+    """Read-only access to a warehouse: files are opened in 'r' mode and never written.
+
+    Every shard is checked when first opened (fingerprint, schema version, prompt index,
+    datasets present) and each dataset when first read (rank, sizes, dtype); Fletcher32
+    catches damaged data chunks on read. Each failure is a one-line WarehouseError naming the
+    file, never a traceback or a wrong number. Never takes the writer lock.
+    """
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -301,15 +301,44 @@ class WarehouseReader:
                 f"{self.root} is not an echo-warehouse (no {MANIFEST_NAME}); "
                 "point -w at a directory made by `echowh extract`"
             )
-        self.manifest = _load_manifest(self.root)
-        self._files: dict[Path, h5py.File] = {}
+        self.manifest = load_manifest(self.root)
+        self._files: dict[Path, _Shard] = {}
+        self._expect: Expect | None = None
 
     # -- files ---------------------------------------------------------------------------
-    def _open(self, path: Path) -> h5py.File:
+    def expect(self) -> Expect:
+        """What every shard must look like (from the manifest and model.h5's attributes)."""
+        if self._expect is None:
+            attrs = self.model_attrs()
+            self._expect = Expect.from_warehouse(self.manifest, attrs)
+        return self._expect
+
+    def _open(self, path: Path, kind: Kind, index: int | None = None) -> _Shard:
         f = self._files.get(path)
-        if f is None:
-            f = h5py.File(path, "r")
-            self._files[path] = f
+        if f is not None:
+            return f
+        try:
+            f = _Shard(path, "r", locking=False)
+        except (OSError, KeyError) as e:
+            raise WarehouseError(f"{path}: not a readable HDF5 shard ({first_line(e)}); "
+                                 f"`echowh verify -w {self.root}` lists every damaged file") from None
+        try:
+            f.kind, f.checked = kind, set()
+            # model.h5's own sizes are the expectation: only its fingerprint is checked here
+            f.expect = Expect(self.manifest.get("fingerprint"), {}) if kind == "model" else self.expect()
+            f.dims, problems = shard_dims(kind, f.attrs, index, f.expect, strict=False)
+            problems += check_names(kind, set(f.keys()), f.expect, strict=False)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            problems = [f"unreadable metadata ({first_line(e)})"]
+        except WarehouseError:
+            f.close()
+            raise
+        if problems:
+            f.close()
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise WarehouseError(f"{path}: {problems[0]}{more}; `echowh verify -w {self.root}` "
+                                 "lists every damaged file")
+        self._files[path] = f
         return f
 
     def close(self) -> None:
@@ -335,31 +364,35 @@ class WarehouseReader:
         path = self.root / subdir / prompt_shard_name(index)
         if not path.exists():
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
-        return self._open(path)
+        return self._open(path, "ablation" if subdir == ABLATION_DIR else "prompt", index)
 
     def model_file(self) -> h5py.File:
         path = self.root / MODEL_FILE
         if not path.exists():
             raise WarehouseError(f"{self.root} has no {MODEL_FILE}; the extraction did not start")
-        return self._open(path)
+        return self._open(path, "model")
 
     def model_attrs(self) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in self.model_file().attrs.items()}
+        return {k: text(v) for k, v in self.model_file().attrs.items()}
 
     def prompt_attrs(self, index: int) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in self.shard(index).attrs.items()}
+        return {k: text(v) for k, v in self.shard(index).attrs.items()}
 
     def read(self, field: Field, index: int, sel: Any = (), subdir: str = PROMPTS_DIR) -> np.ndarray:
         """Read ``field`` of prompt ``index``; ``sel`` slices before reading (e.g. one layer)."""
         ds = self.shard(index, subdir)[field.name]
         if field.dtype == "str":
-            return np.array([s.decode() if isinstance(s, bytes) else s for s in ds[sel]])
+            return np.array([s.decode() if isinstance(s, bytes) else s for s in np.atleast_1d(ds[sel])])
         if field.dtype == "compound":
             return ds[sel]
         return np.asarray(ds.astype(field.dtype)[sel])
 
     def read_model(self, field: Field) -> np.ndarray:
-        ds = self.model_file()[field.name]
+        f = self.model_file()
+        if field.name not in f:
+            raise WarehouseError(f"{f.filename}: dataset {field.name} missing; "
+                                 f"`echowh verify -w {self.root}` lists every damaged file")
+        ds = f[field.name]
         if field.dtype == "str":
             return np.array(ds.asstr()[()], dtype=object)
         return ds[()]
@@ -372,22 +405,13 @@ class WarehouseReader:
             yield i, self.prompt_attrs(i)
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()] if v.dtype.kind in "OS" else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 __all__ = [
     "F",
     "ShardWriter",
     "WarehouseError",
     "WarehouseReader",
     "WarehouseWriter",
+    "load_manifest",
     "validation_array",
     "write_json_atomic",
 ]

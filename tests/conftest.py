@@ -5,6 +5,10 @@
 - ``tiny_llama_dir``: Llama with 4 query / 2 KV heads, o_proj bias on (exercises the DLA bias
   term), untied unembedding, the SmolLM2 tokenizer and chat template.
 - ``smollm2_dir``: the real embedded SmolLM2-135M-Instruct, converted once into the cache.
+- ``tiny_family_dir``: one tiny random model per further family (qwen3, mistral, phi3, gemma2,
+  gemma3_text), every feature on: GQA, biases where the family has them, q/k norms, sliding
+  windows SHORTER than the prompts, partial rotary, attention and final soft-caps, gemma3's
+  two RoPE bases (``build_tiny_family``).
 """
 
 from __future__ import annotations
@@ -67,6 +71,57 @@ def build_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return path
 
 
+WINDOW = 5  # sliding window of the tiny families: shorter than every test prompt
+
+
+def _family_config(family: str, vocab: int, bos, eos):
+    """A tiny config of ``family`` with every feature the family has switched on."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=0)
+    if family == "qwen3":  # q/k norms, q/k/v/o biases, windows on layers >= 1
+        return tf.Qwen3Config(**common, head_dim=16, attention_bias=True, use_sliding_window=True,
+                              sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=True)
+    if family == "mistral":  # the window on every layer, head_dim != D / H
+        return tf.MistralConfig(**common, head_dim=24, sliding_window=WINDOW, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv and gate_up, partial rotary, window on every layer
+        return tf.Phi3Config(**common, sliding_window=WINDOW, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.5})
+    gemma = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, attention_bias=True,
+                 final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
+                 tie_word_embeddings=True,
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if family == "gemma2":  # sandwich norms, attention soft-cap, alternating windows
+        return tf.Gemma2Config(**common, **gemma, attn_logit_softcapping=6.0)
+    if family == "gemma3_text":  # + q/k norms, local/global RoPE bases
+        return tf.Gemma3TextConfig(**common, **gemma, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    raise ValueError(family)
+
+
+FAMILIES = ("qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+
+
+def build_tiny_family(path: Path, family: str, smollm2: Path | None, seed: int = 0) -> Path:
+    """A tiny random ``family`` model saved with a real tokenizer (Qwen's for qwen3, else SmolLM2's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = _qwen_tokenizer() if family == "qwen3" else AutoTokenizer.from_pretrained(str(smollm2))
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(seed)
+    cfg = _family_config(family, len(tok), tok.bos_token_id, eos)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert model.config.model_type == family
+    _spread_weights(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def _spread_weights(model, seed: int) -> None:
     """HF's init gives near-uniform attention; wider weights make heads and biases matter."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -95,6 +150,13 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family_dir(request, tmp_path_factory) -> Path:
+    """The further families, one tiny model each (see build_tiny_family)."""
+    smollm2 = None if request.param == "qwen3" else request.getfixturevalue("smollm2_dir")
+    return build_tiny_family(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param, smollm2)
 
 
 @pytest.fixture(scope="session", params=["qwen2", "llama"])

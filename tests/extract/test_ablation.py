@@ -60,7 +60,6 @@ def _one_unit(adapter: Adapter, layer: int, unit: int, mode: str, means, p: Prom
         z, at, ml = _mean_rows(means, p, layer)
     else:
         z, at, ml = torch.zeros(T, H * hd), torch.zeros(T, a.d_model), torch.zeros(T, a.d_model)
-    lay = adapter.layers[layer]
     if unit < H:
         cols = slice(unit * hd, (unit + 1) * hd)
 
@@ -69,21 +68,23 @@ def _one_unit(adapter: Adapter, layer: int, unit: int, mode: str, means, p: Prom
             x[0, sel, cols] = z[sel, cols]
             return (x,)
 
-        h = lay.self_attn.o_proj.register_forward_pre_hook(pre)
+        h = adapter.o_proj(layer).register_forward_pre_hook(pre)
     elif unit == H:
-        def post_attn(mod, args, out):
-            o = out[0].clone()
-            o[0, sel] = at[sel]
-            return (o, *out[1:])
+        point, is_tuple = adapter.attn_point(layer)  # self_attn, or gemma's post-attention norm
 
-        h = lay.self_attn.register_forward_hook(post_attn)
+        def post_attn(mod, args, out):
+            o = (out[0] if is_tuple else out).clone()
+            o[0, sel] = at[sel]
+            return (o, *out[1:]) if is_tuple else o
+
+        h = point.register_forward_hook(post_attn)
     else:
         def post_mlp(mod, args, out):
             o = out.clone()
             o[0, sel] = ml[sel]
             return o
 
-        h = lay.mlp.register_forward_hook(post_mlp)
+        h = adapter.mlp_point(layer).register_forward_hook(post_mlp)
     try:
         yield
     finally:
@@ -123,10 +124,11 @@ def test_means_equal_hooked_capture(setup):
     means = abl.compute_means(adapter, prompts)
     layer = 1
     z_all, a_all, m_all = {}, {}, {}
-    lay = adapter.layers[layer]
-    hs = [lay.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: z_all.__setitem__("x", args[0][0])),
-          lay.self_attn.register_forward_hook(lambda mod, args, out: a_all.__setitem__("x", out[0][0])),
-          lay.mlp.register_forward_hook(lambda mod, args, out: m_all.__setitem__("x", out[0]))]
+    point, is_tuple = adapter.attn_point(layer)
+    hs = [adapter.o_proj(layer).register_forward_pre_hook(lambda mod, args: z_all.__setitem__("x", args[0][0])),
+          point.register_forward_hook(
+              lambda mod, args, out: a_all.__setitem__("x", (out[0] if is_tuple else out)[0])),
+          adapter.mlp_point(layer).register_forward_hook(lambda mod, args, out: m_all.__setitem__("x", out[0]))]
     try:
         rows: dict[tuple, list] = {}
         for p in prompts:

@@ -77,7 +77,8 @@ def test_unknown_model_type(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(d)
     r = _run("--model", str(d), "--out", str(tmp_path / "w"))
     assert r.exit_code == 1
-    assert _error_line(r) == "Error: model type 'gpt2' is not supported; supported types: llama, qwen2"
+    assert _error_line(r) == ("Error: model type 'gpt2' is not supported; supported types: "
+                              "llama, qwen2, qwen3, mistral, phi3, gemma2, gemma3_text")
 
 
 @pytest.mark.parametrize(("layers", "code", "line"), [
@@ -260,10 +261,10 @@ def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch)
 def test_ablation_engine_drift_fails_the_run(tiny_qwen2_dir, tmp_path, monkeypatch):
     """Every run checks the ablation engine against the model (removing nothing == the model's
     logits): a bug in the engine's forward is caught on real data, not only by the tests."""
-    import extract.ablation
+    import extract.ablation_grid
 
-    real = extract.ablation._logits
-    monkeypatch.setattr(extract.ablation, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
+    real = extract.ablation_grid._logits
+    monkeypatch.setattr(extract.ablation_grid, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
     out = tmp_path / "w"
     r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out),
              "--ablation", "zero", "--ablate-layers", "0")
@@ -311,3 +312,127 @@ def test_hub_id_loads_from_the_local_cache_offline(tiny_qwen2_dir, tmp_path):
         "Error: 'Qwen/Not-Cached' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
         "where there is network (`hf download Qwen/Not-Cached`) or pass a local model folder")
     assert not (tmp_path / "w2").exists()
+
+
+def _stderr_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+def test_resume_refused_when_weights_change_in_place(tiny_qwen2_dir, tmp_path):
+    """Retrained weights of the same shape are another model: the revision hashes contents."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_dir, model)
+    out, words = tmp_path / "w", _words(tmp_path, "cat\n")
+    r = _run("--model", str(model), "--words", words, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3  # same names, shapes and file size
+    size = weights.stat().st_size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    r = _run("--model", str(model), "--words", words, "--out", str(out), "--resume")
+    assert r.exit_code == 1
+    assert _error_line(r) == (f"Error: cannot resume {out}: it was made with a different model_revision; "
+                              "use a new --out directory or the original settings")
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_resume_in_another_environment_is_refused_unless_allowed(tiny_qwen2_dir, tmp_path, monkeypatch):
+    import extract.run
+
+    out, words = tmp_path / "w", _words(tmp_path, "cat\n")
+    args = ("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out))
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    (out / "prompts" / "p00001.h5").unlink()  # something left to do
+    real = extract.run.library_versions
+    monkeypatch.setattr(extract.run, "library_versions", lambda: {**real(), "torch": "9.9.9"})
+    r = _run(*args, "--resume")
+    assert r.exit_code == 1
+    torch_now = real()["torch"]
+    assert _error_line(r) == (
+        f"Error: cannot resume {out}: the environment differs from the run that made it (torch {torch_now} "
+        "-> 9.9.9); numbers would mix environments: pass --allow-env-change to resume anyway "
+        "(both environments are recorded)")
+    assert not (out / "prompts" / "p00001.h5").exists()
+    r = _run(*args, "--resume", "--allow-env-change")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert [e["torch"] for e in m["environments"]] == [torch_now, "9.9.9"]
+    for e in m["environments"]:
+        assert e["device"] == "cpu" and e["dtype"] == "float32" and e["torch_threads"] >= 1
+    assert m["timings"]["sessions"] == 2
+
+
+def test_a_second_concurrent_writer_is_refused_in_one_line(tiny_qwen2_dir, tmp_path):
+    """Two real `echowh extract` processes on one --out: the second is refused at once naming
+    the first, which finishes intact (verify passes). The first is paused (SIGSTOP) while it
+    holds the lock, so the test does not depend on how fast either process runs."""
+    out = tmp_path / "w"
+    words = _words(tmp_path, "\n".join(f"w{i}" for i in range(6)) + "\n")
+    args = [sys.executable, "-m", "echowh.cli", "extract", "--quiet", "--model", str(tiny_qwen2_dir),
+            "--words", words, "--batch-size", "1", "--ablation", "zero", "--out", str(out)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "prompts").glob("*.h5")) and first.poll() is None:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # mid-run, holding the lock
+        assert first.poll() is None and list((out / "prompts").glob("*.h5")), "the first run did not start writing"
+        for extra in ([], ["--resume"]):
+            second = subprocess.run([*args, *extra], capture_output=True, text=True, timeout=300)
+            assert second.returncode == 1
+            lines = _stderr_lines(second.stderr)
+            assert len(lines) == 1, second.stderr
+            assert lines[0].startswith(f"Error: {out} is being written by another extraction (pid {first.pid} on ")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert "Traceback" not in err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert len(list((out / "prompts").glob("*.h5"))) == 12
+    r = CliRunner().invoke(main, ["verify", "-q", "-w", str(out)])
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_and_readers_on_a_damaged_real_warehouse(tiny_qwen2_dir, tmp_path):
+    """A flipped byte, a truncated shard and a shard from a warehouse made with other words:
+    verify names all three, the reader refuses each in one line naming the file."""
+    import shutil
+
+    from store import WarehouseError, WarehouseReader
+    from store.schema import F
+
+    out, other = tmp_path / "w", tmp_path / "other"
+    base = ("--model", str(tiny_qwen2_dir), "--ablation", "zero", "--ablate-layers", "0")
+    for o, text in ((out, "cat\ndog\n"), (other, "tree\nlamp\n")):
+        r = _run(*base, "--words", _words(tmp_path, text, f"{o.name}.txt"), "--out", str(o))
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", "-q", "-w", str(out)])
+    assert r.exit_code == 0, r.output
+    p0, p1, p2 = (out / "prompts" / f"p0000{i}.h5" for i in range(3))
+    with h5py.File(p0, "r") as f:
+        offset = f["attn_pattern"].id.get_chunk_info(0).byte_offset + 5
+    data = bytearray(p0.read_bytes())
+    data[offset] ^= 0x01
+    p0.write_bytes(bytes(data))
+    p1.write_bytes(p1.read_bytes()[:4096])
+    shutil.copy(other / "prompts" / "p00002.h5", p2)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(main, ["verify", "-q", "-w", str(out)])
+    assert r.exit_code == 1
+    named = {ln.split(": ", 1)[0] for ln in r.output.splitlines()[:-1]}
+    assert named == {str(p0), str(p1), str(p2)}, r.output
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+    for i, p in enumerate((p0, p1, p2)):
+        with WarehouseReader(out) as wr, pytest.raises(WarehouseError) as e:
+            wr.read(F.ATTN_PATTERN, i)
+        assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)

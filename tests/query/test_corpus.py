@@ -120,7 +120,7 @@ def _h5_count(root, layer_of: str, value: int) -> int:
     """Rows of resid where ``layer_of`` ('layer' or 'boundary') == value, counted from h5py."""
     n = 0
     for p in range(4):
-        with h5py.File(root / PROMPTS_DIR / prompt_shard_name(p), "r") as f:
+        with h5py.File(root / PROMPTS_DIR / prompt_shard_name(p), "r", locking=False) as f:
             b, t = f["resid"].shape[:2]
             boundary = np.arange(b)
             axis = boundary - 1 if layer_of == "layer" else boundary

@@ -69,7 +69,7 @@ def test_numbers_match_the_raw_arrays(real):
         # ablation view == the shard's arrays (zero mode, layer 1, head 3 of prompt 2)
         got = wh.sql("SELECT logit_diff, kl, target_rank FROM ablation WHERE prompt = 2 AND mode = 'zero' "
                      "AND layer = 1 AND unit = 3").row(0)
-        modes = list(r.shard(2, "ablation").attrs["modes"])
+        modes = [x.decode() if isinstance(x, bytes) else x for x in r.shard(2, "ablation").attrs["modes"]]
         m = modes.index("zero")
         assert got[0] == pytest.approx(float(r.read(A.LOGIT_DIFF, 2, subdir="ablation")[m, 1, 3]), rel=1e-6)
         assert got[1] == pytest.approx(float(r.read(A.KL, 2, subdir="ablation")[m, 1, 3]), rel=1e-6)

@@ -25,6 +25,7 @@ def test_timeout_interrupts_the_statement(wh_path) -> None:
     with Warehouse(wh_path, timeout=0.3) as wh:
         with pytest.raises(QueryError, match=r"^interrupted: the statement ran longer than the timeout \(0.3 s\)$"):
             wh.sql(SLOW)
+        wh.timeout = None  # no timing race on a loaded machine: only "still usable" is checked here
         assert wh.sql("SELECT count(*) AS n FROM prompts")["n"][0] == 4  # the connection still works
 
 
@@ -146,7 +147,7 @@ def test_truncated_shard_is_a_one_line_error_naming_it(broken, sql: str, pushdow
 def test_truncated_shard_in_the_cli(broken) -> None:
     r = run("query", "-w", str(broken), "SELECT count(*) FROM resid WHERE layer = 0")
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "Traceback" not in r.output
-    assert r.output.startswith(f"Error: {broken / 'prompts' / 'p00001.h5'}: unreadable shard (OSError: ")
+    assert r.output.startswith(f"Error: {broken / 'prompts' / 'p00001.h5'}: not a readable HDF5 shard ")
 
 
 def test_statements_that_skip_a_broken_shard_still_run(broken) -> None:
@@ -161,8 +162,8 @@ def test_missing_dataset_is_a_one_line_error_naming_the_shard(wh_path, tmp_path)
         del f["attn_pattern"]
     with Warehouse(root) as wh, pytest.raises(QueryError) as e:
         wh.sql("SELECT count(*) FROM attention")
-    assert str(e.value) == (f"{root / 'prompts' / 'p00002.h5'}: unreadable shard "
-                            "(KeyError: \"dataset 'attn_pattern' missing\")")
+    msg = str(e.value)
+    assert msg.startswith(f"{root / 'prompts' / 'p00002.h5'}: ") and "attn_pattern" in msg and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize("pushdown", [True, False])

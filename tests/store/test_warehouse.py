@@ -40,6 +40,7 @@ def test_resume_drops_stale_partials_and_keeps_the_record(tmp_path: Path) -> Non
     _shard(w, 0)
     w.write_manifest(timings={"total_s": 5.0}, warnings=["p00000.h5:resid stored as float32"])
     (root / PROMPTS_DIR / "p00001.h5.partial").write_bytes(b"torn")
+    w.close()
     w2 = WarehouseWriter.create(root, _manifest(), resume=True)
     assert not list(root.rglob("*.partial"))
     assert w2.done() == {0}
@@ -49,7 +50,7 @@ def test_resume_drops_stale_partials_and_keeps_the_record(tmp_path: Path) -> Non
 
 def test_refusals_leave_everything_as_it_was(tmp_path: Path) -> None:
     root = tmp_path / "w"
-    WarehouseWriter.create(root, _manifest(words=["cat"]), resume=False)
+    WarehouseWriter.create(root, _manifest(words=["cat"]), resume=False).close()
     before = (root / MANIFEST_NAME).read_bytes()
     with pytest.raises(WarehouseError, match="already holds a warehouse; pass --resume"):
         WarehouseWriter.create(root, _manifest(words=["cat"]), resume=False)

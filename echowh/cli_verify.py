@@ -1,0 +1,46 @@
+"""`echowh verify`: a thin click wrapper over store.verify.verify."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from echowh.options import warehouse_option
+
+
+@click.command()
+@warehouse_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (problems and the summary are still printed).")
+def verify(warehouse, quiet) -> None:
+    """Check a warehouse end to end, like a filesystem scrub; change nothing.
+
+    Every file the manifest implies must be present, hash to the SHA-256 recorded when it was
+    written (shards.sha256), open as HDF5 with the schema's datasets, shapes, dtypes and the
+    warehouse's fingerprint, pass every chunk's Fletcher32 checksum and its stored invariants;
+    no unknown files, partial writes or shards of prompts the manifest does not list.
+
+    Prints one line per problem, naming the file, and exits 1 if there is any.
+    """
+    from tqdm.auto import tqdm
+
+    from store.verify import verify as run_verify
+
+    bar = None
+
+    def progress(total: int, rel: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="file", desc="verify", file=sys.stderr, disable=quiet)
+        bar.update(1)
+
+    report = run_verify(warehouse, progress=progress)
+    if bar is not None:
+        bar.close()
+    for line in report.lines():
+        click.echo(line)
+    size = f"{report.files_checked} files, {report.bytes_checked / 2**20:.1f} MiB"
+    if report.problems:
+        click.echo(f"{warehouse}: {len(report.problems)} problem(s) in {size} checked", err=True)
+        sys.exit(1)
+    click.echo(f"{warehouse}: ok ({size} checked)", err=True)

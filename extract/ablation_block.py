@@ -1,0 +1,189 @@
+"""One decoder block of the ablation engine, from the model's own modules, with interventions.
+
+A block is stepped with the Hugging Face modules the adapter hands out (extract.families): the
+norms, the q/k/v (or fused qkv) and o projections, q/k norms, the MLP module and the rotary
+module's cos/sin. Only the attention core is ours (``attend``): scores against keys shared
+between batch rows (a template prefix, or a clean cache) plus the rows' own keys, the family's
+score scale and soft-cap, the causal and sliding-window masks by absolute position, softmax in
+float32 and the weighted values -- grouped by KV head, with no repeat_kv copies.
+
+Interventions act at three named points of a block, each ``out = value * keep + repl``:
+``z`` the o_proj input (per-head slices), ``attn`` the attention block's contribution to the
+residual (after the post-attention norm under sandwich norms) and ``mlp`` the MLP block's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from extract.families import Adapter
+
+
+@dataclass
+class Ablate:
+    """What block ``l`` removes in each batch row: out = value * keep + repl, at each point.
+
+    ``keep_*`` are 0/1 masks and ``repl_*`` the values put in (0 for zero ablation, the mean
+    for mean ablation), both broadcastable to the selected rows ``sel`` of (C, N, S, X).
+    Points: ``z`` o_proj input, ``a`` attention contribution, ``m`` MLP contribution.
+    """
+
+    keep_z: torch.Tensor
+    keep_a: torch.Tensor
+    keep_m: torch.Tensor
+    repl_z: torch.Tensor | None = None
+    repl_a: torch.Tensor | None = None
+    repl_m: torch.Tensor | None = None
+    sel: tuple[slice, ...] = ()  # () = every row
+
+    def apply(self, x: torch.Tensor, keep: torch.Tensor, repl: torch.Tensor | None) -> torch.Tensor:
+        if not self.sel:
+            y = x * keep
+            return y if repl is None else y + repl
+        x = x.clone()
+        y = x[self.sel] * keep
+        x[self.sel] = y if repl is None else y + repl
+        return x
+
+
+@dataclass
+class BlockOut:
+    h: torch.Tensor | None  # (C, N, S, D) block output (None when kv_only)
+    k: torch.Tensor  # (c, KV, N, S, hd) this block's keys (c = 1 when the input was shared)
+    v: torch.Tensor  # (c, KV, N, S, hd)
+    z: torch.Tensor | None = None  # (C, N, S, H*hd) o_proj input, when asked
+    a: torch.Tensor | None = None  # (C, N, S, D) attention contribution
+    m: torch.Tensor | None = None  # (C, N, S, D) MLP contribution
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as HF applies it (rotate_half); only the first cos.shape[-1] dims rotate (partial)."""
+    rd = cos.shape[-1]
+    xr = x[..., :rd]
+    half = rd // 2
+    out = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+
+def _far(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """(c|1, S, K) True where key position k_pos (c|1, K) is outside the query's sliding window.
+
+    HF's sliding mask keeps key j for query i when i - j < window; None when nothing is far.
+    """
+    if window is None:
+        return None
+    far = (q_pos[:, :, None] - k_pos[:, None, :]) >= window
+    return far if bool(far.any()) else None
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    sh_k: torch.Tensor | None = None,
+    sh_v: torch.Tensor | None = None,
+    sh_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention core: (c, KV, N, G, S, hd) queries -> (c, KV, N, G*S, hd) weighted values.
+
+    k, v (c, KV, N, S, hd) are the rows' own keys at the query positions q_pos (c|1, S); sh_k,
+    sh_v (c|1, KV, P, hd) keys at absolute positions 0..P-1 every row of a config sees, sh_mask
+    (c|1, P) True where such a key is padding. Scores: q.k * scale, then cap*tanh(s/cap) when
+    soft-capped, then the causal mask, the sliding window and the padding (HF's order).
+    """
+    c, KV, N, G, S, hd = q.shape
+    neg = float("-inf")
+    s_self = (q.reshape(c, KV, N, G * S, hd) @ k.transpose(-1, -2)).view(c, KV, N, G, S, S) * scale
+    if softcap is not None:
+        s_self = torch.tanh(s_self / softcap) * softcap
+    dev = q.device
+    mask = torch.ones(S, S, dtype=torch.bool, device=dev).triu(1)  # (S, S) causal
+    far = _far(q_pos, q_pos, window)  # (c|1, S, S)
+    if far is not None:
+        mask = (mask | far)[:, None, None, None]  # (c|1, 1, 1, 1, S, S)
+    s_self = s_self.masked_fill(mask, neg)
+    if sh_k is None:
+        p = torch.softmax(s_self, dim=-1, dtype=torch.float32).to(q.dtype)
+        return p.reshape(c, KV, N, G * S, S) @ v
+    P = sh_k.shape[-2]
+    cq = max(c, sh_k.shape[0])
+    s_sh = (q.reshape(c, KV, N * G * S, hd) @ sh_k.transpose(-1, -2)).view(cq, KV, N, G, S, P) * scale
+    if softcap is not None:
+        s_sh = torch.tanh(s_sh / softcap) * softcap
+    if sh_mask is not None:
+        s_sh = s_sh.masked_fill(sh_mask[:, None, None, None, None, :], neg)
+    far_sh = _far(q_pos, torch.arange(P, device=dev)[None], window)  # (c|1, S, P)
+    if far_sh is not None:
+        s_sh = s_sh.masked_fill(far_sh[:, None, None, None], neg)
+    p = torch.softmax(torch.cat([s_sh, s_self], -1), dim=-1, dtype=torch.float32).to(q.dtype)
+    out = (p[..., :P].reshape(cq, KV, N * G * S, P) @ sh_v).view(cq, KV, N, G * S, hd)
+    return out + p[..., P:].reshape(cq, KV, N, G * S, S) @ v
+
+
+def block(
+    ad: Adapter,
+    m: int,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    sh_k: torch.Tensor | None = None,
+    sh_v: torch.Tensor | None = None,
+    sh_mask: torch.Tensor | None = None,
+    ab: Ablate | None = None,
+    kv_only: bool = False,
+    record: bool = False,
+) -> BlockOut:
+    """Decoder block ``m`` on h (c, N, S, D): c configs x N sequences x S new positions.
+
+    cos/sin (c|1, S, rd) are layer m's RoPE at the new positions, q_pos (c|1, S) those absolute
+    positions (for the sliding window). sh_k/sh_v (c|1, KV, P, hd) are positions 0..P-1 every
+    sequence of a config attends to (a shared prefix or a clean cache), sh_mask (c|1, P) True
+    where a key is padding. With c == 1 and ``ab`` carrying C configs, the attention runs once
+    and the outputs broadcast to C (block l's clean input).
+    """
+    a = ad.arch
+    c, N, S, D = h.shape
+    H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    G = H // KV
+    x = ad.norm_attn(m)(h)
+    q, k, v = ad.qkv(m, x)  # (c, N, S, H*hd), (c, N, S, KV*hd) x 2
+    q, k = ad.qk_norm(m, q.view(c, N, S, H, hd), k.view(c, N, S, KV, hd))
+    cs = cos[:, None, :, None, :]  # (c|1, 1, S, 1, rd)
+    sn = sin[:, None, :, None, :]
+    k = rotate(k, cs, sn).permute(0, 3, 1, 2, 4)  # (c, KV, N, S, hd)
+    v = v.view(c, N, S, KV, hd).permute(0, 3, 1, 2, 4)
+    if kv_only:
+        return BlockOut(None, k, v)
+    q = rotate(q, cs, sn).view(c, N, S, KV, G, hd).permute(0, 3, 1, 4, 2, 5)  # (c, KV, N, G, S, hd)
+    out = attend(q, k, v, q_pos, scale=ad.scaling(m), softcap=a.attn_softcap, window=a.windows[m],
+                 sh_k=sh_k, sh_v=sh_v, sh_mask=sh_mask)  # (c', KV, N, G*S, hd)
+    cq = out.shape[0]
+    z = out.view(cq, KV, N, G, S, hd).permute(0, 2, 4, 1, 3, 5).reshape(cq, N, S, H * hd)
+    if ab is not None:
+        z = ab.apply(z, ab.keep_z, ab.repl_z)  # broadcasts c == 1 to every config
+    attn_out = ad.o_proj(m)(z)
+    post = ad.post_attn(m)
+    if post is not None:
+        attn_out = post(attn_out)
+    if ab is not None:
+        attn_out = ab.apply(attn_out, ab.keep_a, ab.repl_a)
+    h = h + attn_out
+    mlp_out = ad.layers[m].mlp(ad.norm_mlp(m)(h))
+    post = ad.post_mlp(m)
+    if post is not None:
+        mlp_out = post(mlp_out)
+    if ab is not None:
+        mlp_out = ab.apply(mlp_out, ab.keep_m, ab.repl_m)
+    h = h + mlp_out
+    if record:
+        return BlockOut(h, k, v, z, attn_out, mlp_out)
+    return BlockOut(h, k, v)
