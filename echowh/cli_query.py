@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 import polars as pl
 
-from echowh.options import refuse_inside, warehouse_option
-from query import QueryError, Warehouse, get_analysis, list_analyses
+from echowh.options import refuse_inside, warehouse_args, warehouses_option
+from query import Comparison, QueryError, Warehouse, get_analysis, is_comparison, list_analyses
 
 FORMATS = ("table", "csv", "json", "parquet")
 
@@ -47,7 +47,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command("query")
-@warehouse_option
+@warehouses_option
 @click.argument("sql", required=False)
 @click.option("-a", "--analysis", metavar="NAME", help="Run a named analysis (see `echowh analyses`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -63,16 +63,20 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--memory-limit", metavar="SIZE",
               help="DuckDB memory limit, e.g. 2GB or 500MB (default: half the machine's memory); "
                    "larger intermediates spill to a temporary directory outside the warehouse.")
-def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[str, ...],
+def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, params: tuple[str, ...],
           fmt: str, output: Path | None, max_rows: int, timeout: float | None,
           memory_limit: str | None) -> None:
-    """Run read-only SQL, or a named analysis, over a warehouse.
+    """Run read-only SQL, or a named analysis, over a warehouse (or several, to compare models).
 
     \b
     Examples:
       echowh query "SELECT word, echo_correct FROM prompts"
       echowh query -a head_dla -p layer=22 --format csv -o dla.csv
-    The views are listed in the README (or `echowh query "SHOW TABLES"`).
+      echowh query -w smol=runs/smol -w gemma=runs/gemma -a compare_emergence
+      echowh query -w runs/smol -w runs/gemma "SELECT model, avg(echo_correct::INT) FROM prompts GROUP BY model"
+    The views are listed in the README (or `echowh query "SHOW TABLES"`). With several -w,
+    every view has a leading `model` column, "LABEL".view is one model's own view, and an
+    analysis that is not a compare_* one runs on each warehouse alone.
     """
     if sql is None and analysis is None:
         raise click.UsageError("give SQL or -a NAME (`echowh analyses` lists the names)")
@@ -82,12 +86,16 @@ def query(warehouse: Path, sql: str | None, analysis: str | None, params: tuple[
         raise click.UsageError("-p only applies to -a NAME")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs -o FILE")
+    targets = warehouse_args(warehouses)
     if output is not None:
-        refuse_inside(output, warehouse)
+        for t in targets:
+            refuse_inside(output, t.path)
     try:
-        if analysis is not None:
-            get_analysis(analysis)  # unknown name: an error before opening the warehouse
-        with Warehouse(warehouse, memory_limit=memory_limit, timeout=timeout) as wh:
+        # unknown name: an error before opening the warehouse
+        comparing = len(targets) > 1 or (analysis is not None and is_comparison(get_analysis(analysis)))
+        opened = (Comparison(targets, memory_limit=memory_limit, timeout=timeout) if comparing else
+                  Warehouse(targets[0].path, memory_limit=memory_limit, timeout=timeout, label=targets[0].label))
+        with opened as wh:
             if analysis is not None:
                 df = wh.run_analysis(analysis, **_params(params))
             else:
@@ -124,5 +132,7 @@ def analyses() -> None:
             buf.write(f"    -p {p.name}=<{kind}>  default {default}: {p.doc}\n")
         buf.write("\n")
     buf.write('Run one with: echowh query -a NAME [-p key=value ...]\n')
+    buf.write('compare_* analyses compare models: echowh query -w A=DIR -w B=DIR -a compare_... ; any other runs\n'
+              'on each warehouse alone when several -w are given, with a leading model column.\n')
     click.echo(buf.getvalue(), nl=False)
 

@@ -34,3 +34,29 @@ def refuse_inside(output: Path, warehouse: Path) -> None:
             f"refusing to write {output} inside the warehouse {warehouse} (warehouses are read-only "
             "after extraction); choose an -o outside it"
         )
+
+
+def warehouses_option(fn):
+    """``-w/--warehouse [LABEL=]DIR`` repeatable: one warehouse, or several to compare."""
+    return click.option(
+        "-w",
+        "--warehouse",
+        "warehouses",
+        multiple=True,
+        metavar="[LABEL=]DIR",
+        help="Warehouse directory made by `echowh extract` (default $ECHOWH_WAREHOUSE or "
+             "out/warehouse). Repeat to compare models: every view gets a leading `model` column "
+             "holding each warehouse's LABEL (default: the model it was extracted with).",
+    )(fn)
+
+
+def warehouse_args(values: tuple[str, ...]):
+    """The ``-w`` values as ``query.WarehouseArg`` (none given: the default warehouse)."""
+    from query import QueryError, WarehouseArg, parse_warehouse_arg
+
+    if not values:
+        return [WarehouseArg(default_warehouse())]
+    try:
+        return [parse_warehouse_arg(v) for v in values]
+    except QueryError as e:
+        raise click.UsageError(str(e)) from None

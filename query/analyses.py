@@ -24,6 +24,7 @@ from typing import Any
 from query.errors import QueryError
 
 TYPES = ("INTEGER", "DOUBLE", "VARCHAR", "BOOLEAN")
+COMPARE_PREFIX = "compare_"
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -145,6 +146,12 @@ def _all() -> dict[str, Analysis]:
 def list_analyses() -> list[Analysis]:
     """Every named analysis, sorted by name."""
     return list(_all().values())
+
+
+def is_comparison(a: Analysis) -> bool:
+    """A comparison analysis (``compare_*``) reads the ``model`` column: it runs over
+    ``query.Comparison`` (one or more warehouses), never over a single ``Warehouse``."""
+    return a.name.startswith(COMPARE_PREFIX)
 
 
 def get_analysis(name: str) -> Analysis:

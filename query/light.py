@@ -226,6 +226,18 @@ def _manifest(s: Shards) -> pa.Table:
                  {"key": keys, "value": [json.dumps(m[k], sort_keys=True, default=str) for k in keys]})
 
 
+def _models(s: Shards) -> pa.Table:
+    m, a = s.r.manifest, s.model_attrs
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    return table(VIEW_BY_NAME["models"], s.d_model, {
+        "model": [s.label], "model_id": [str(model.get("model") or model.get("id") or "")],
+        "model_type": [a.get("model_type")], "n_layers": [s.n_layers], "n_heads": [s.n_heads],
+        "n_kv_heads": [a.get("n_kv_heads")], "d_model": [s.d_model], "vocab_size": [a.get("vocab_size")],
+        "n_prompts": [len(s.prompts)], "n_ablated": [len(s.r.ablation_indices())],
+        "schema_version": [m.get("schema_version")], "warehouse": [str(s.r.root)],
+    })
+
+
 def _heads(s: Shards) -> pa.Table:
     with s.reading():
         try:
@@ -253,7 +265,7 @@ def _attr_list(v: Any) -> list[str]:
 LIGHT: dict[str, Callable[[Shards], pa.Table]] = {
     "prompts": _prompts, "tokens": _tokens, "generations": _generations, "logit_lens": _logit_lens,
     "lens_topk": _lens_topk, "dla": _dla, "ablation": lambda s: _ablation(s, topk=False),
-    "ablation_topk": lambda s: _ablation(s, topk=True), "validation": _validation, "manifest": _manifest,
+    "ablation_topk": lambda s: _ablation(s, topk=True), "validation": _validation, "manifest": _manifest, "models": _models,
     "heads": _heads, "vocab": _vocab,
 }
 

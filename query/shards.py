@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import PurePath
 from typing import Any
 
 import h5py
@@ -26,13 +27,28 @@ def shard_error(e: BaseException, where: str) -> QueryError:
     return QueryError(f"{where}: unreadable shard ({type(e).__name__}: {detail})")
 
 
-class Shards:
-    """The warehouse's sizes and per-prompt helpers; files are opened read-only by the reader."""
+def model_label(manifest: Mapping[str, Any]) -> str:
+    """A warehouse's default model label: the ``--model`` it was extracted with, a local
+    folder by its last path component (``/tmp/x/tiny-qwen2`` -> ``tiny-qwen2``)."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), Mapping) else {}
+    name = str(model.get("model") or model.get("id") or "model")
+    if str(model.get("source", "")).startswith("folder:"):
+        name = PurePath(name.rstrip("/\\")).name or name
+    return name
 
-    def __init__(self, reader: WarehouseReader) -> None:
+
+class Shards:
+    """The warehouse's sizes and per-prompt helpers; files are opened read-only by the reader.
+
+    ``label``: the model's name in the ``models`` view (default :func:`model_label`).
+    """
+
+    def __init__(self, reader: WarehouseReader, label: str | None = None) -> None:
         self.r = reader
+        self.label = label if label is not None else model_label(reader.manifest)
         with self.reading():
             attrs = reader.model_attrs()
+            self.model_attrs = attrs
             self.n_layers = int(attrs["n_layers"])
             self.n_heads = int(attrs["n_heads"])
             self.d_model = int(attrs["d_model"])

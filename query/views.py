@@ -210,6 +210,21 @@ VIEWS: tuple[View, ...] = (
         Column("key", "VARCHAR", "manifest key (model, config, prompts, templates, timings, ...)"),
         Column("value", "VARCHAR", "its value as JSON text (use json_extract on it)"),
     )),
+    View("models", "the model of the warehouse, one row (one per warehouse in a comparison)", _cols(
+        Column("model", "VARCHAR", "the model's label: the --model it was extracted with (a local path by its last "
+               "component) or the LABEL of -w LABEL=DIR; the `model` column of a comparison"),
+        Column("model_id", "VARCHAR", "--model as given to the extraction"),
+        Column("model_type", "VARCHAR", "architecture family (llama, qwen2, ...)"),
+        Column("n_layers", "INTEGER", "blocks L (relative depth of block `layer` = layer / n_layers)"),
+        Column("n_heads", "INTEGER", "query heads per block"),
+        Column("n_kv_heads", "INTEGER", "key/value heads per block"),
+        Column("d_model", "INTEGER", "residual width D"),
+        Column("vocab_size", "INTEGER", "vocabulary size"),
+        Column("n_prompts", "INTEGER", "finished prompt shards"),
+        Column("n_ablated", "INTEGER", "finished ablation shards"),
+        Column("schema_version", "INTEGER", "warehouse schema version"),
+        Column("warehouse", "VARCHAR", "the warehouse directory"),
+    )),
     View("heads", "query heads of the model and the KV head each reads (GQA)", _cols(
         HEAD, Column("kv_group", "INTEGER", "KV head it reads"),
     )),

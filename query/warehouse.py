@@ -10,49 +10,34 @@ here reads SQL text to decide what to load:
   exactly the selected rows;
 * a light view (and, with ``pushdown=False``, every heavy view too) is an Arrow stream read
   whole on its first scan and kept; DuckDB filters it itself.
+
+:class:`WarehouseSources` makes those sources for one warehouse; ``query.compare`` registers
+the sources of several warehouses on one connection.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import re
-import shutil
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import polars as pl
 import pyarrow as pa
 from polars.io.plugins import register_io_source
 
-from query.analyses import get_analysis
+from query.analyses import get_analysis, is_comparison
+from query.connection import ReadOnlyConnection, default_memory_limit
 from query.errors import QueryError
 from query.export import ParquetExport, is_export
 from query.heavy import HeavyReader
 from query.light import LIGHT
-from query.shards import Shards, shard_error
-from query.views import VIEW_BY_NAME, VIEWS, View, arrow_schema
+from query.shards import Shards, model_label, shard_error
+from query.views import VIEWS, View, arrow_schema
 from store import WarehouseError, WarehouseReader
 
-# Statements that only read. Anything else (CREATE, INSERT, COPY, ATTACH, SET, INSTALL ...)
-# is refused before DuckDB sees it.
-_READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "show", "version",
-                 "database_list", "functions"}
-_EXPLAIN = re.compile(r"^\s*EXPLAIN\s*(?:\([^()]*\)|ANALY[SZ]E\b)?\s*", re.IGNORECASE)
+__all__ = ["Warehouse", "WarehouseSources", "default_memory_limit"]
+
 _READ_ERRORS = (WarehouseError, OSError, KeyError, ValueError, TypeError, IndexError)
-
-
-def default_memory_limit() -> str:
-    """Half the machine's physical memory (DuckDB's own default is 80%)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return "4GB"
-    return f"{max(total // 2 // 2**20, 256)}MB"
 
 
 class _WholeTable:
@@ -76,112 +61,66 @@ class _WholeTable:
         return self.table.__arrow_c_stream__(requested_schema)
 
 
-class Warehouse:
-    """Opens a warehouse read-only; ``sql`` and ``run_analysis`` return Polars frames.
+class WarehouseSources:
+    """One warehouse opened read-only, and the source DuckDB scans for each of its views.
 
-    ``pushdown=False`` reads every heavy view whole on its first use and lets DuckDB filter
-    it (the reference the narrowed reads are tested against; memory grows with the warehouse).
-    ``memory_limit`` (DuckDB size, e.g. ``"2GB"``) caps DuckDB's own memory; larger
-    intermediates spill to a fresh temporary directory outside the warehouse and the current
-    directory, removed on ``close``. ``timeout`` (seconds) interrupts a statement that runs
-    longer, with a QueryError.
+    ``label`` names the warehouse's model (the ``models`` view, the ``model`` column of a
+    comparison); default: ``query.shards.model_label`` of its manifest. A read that fails
+    inside a scan is kept in ``failure`` (DuckDB wraps what a source raises).
     """
 
-    def __init__(self, path: Path | str, threads: int | None = None, *, pushdown: bool = True,
-                 memory_limit: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, path: Path | str, *, label: str | None = None, pushdown: bool = True) -> None:
         self.path = Path(path)
         self.pushdown = pushdown
-        self.timeout = timeout
-        if timeout is not None and not timeout > 0:
-            raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
+        self.failure: QueryError | None = None
         # A Parquet export (`echowh export --parquet`) opens with the same views over its files.
-        self.export: ParquetExport | None = ParquetExport(self.path) if is_export(self.path) else None
+        self.export: ParquetExport | None = None
         self.reader: WarehouseReader | None = None
         self.shards: Shards | None = None
+        self._label = label
         try:
-            if self.export is None:
+            if is_export(self.path):
+                self.export = ParquetExport(self.path)
+            else:
                 self.reader = WarehouseReader(self.path)
-                self.shards = Shards(self.reader)
+                self.shards = Shards(self.reader, label=label)
         except QueryError:
             raise
         except WarehouseError as e:
             raise QueryError(str(e)) from None
         except (OSError, KeyError) as e:
             raise QueryError(f"{path}: unreadable warehouse ({e})") from None
-        self.spill_dir = self._spill_dir()
-        self._failure: QueryError | None = None
-        try:
-            # The connection reaches nothing but the views we register: no files, no network,
-            # no extensions, and the settings cannot be changed back by a user's statement.
-            self.con = duckdb.connect(":memory:", config={
-                "enable_external_access": False,
-                "autoinstall_known_extensions": False,
-                "autoload_known_extensions": False,
-                "memory_limit": memory_limit or default_memory_limit(),
-                "temp_directory": str(self.spill_dir),
-            })
-        except duckdb.Error as e:
-            self._cleanup()
-            raise QueryError(f"cannot open DuckDB ({_first_line(str(e))}); check --memory-limit "
-                             f"{memory_limit!r} (e.g. 2GB, 500MB)") from None
-        if threads:
-            self.con.execute(f"SET threads = {int(threads)}")
-        for v in VIEWS:
-            if self.export is not None:
-                self.con.register(v.name, self.export.source(v))  # derived views were exported too
-            elif not v.sql:
-                self.con.register(v.name, self._source(v))
-        for v in VIEWS:
-            if v.sql and self.export is None:
-                self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
-        self.con.execute("SET lock_configuration = true")
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def _spill_dir(self) -> Path:
-        d = Path(tempfile.mkdtemp(prefix="echowh-spill-")).resolve()
-        for forbidden, what in ((self.path.resolve(), "the warehouse"), (Path.cwd().resolve(), "the current directory")):
-            if d == forbidden or (what == "the warehouse" and forbidden in d.parents):
-                shutil.rmtree(d, ignore_errors=True)
-                raise QueryError(f"the temporary directory {d} is inside {what}; set TMPDIR elsewhere")
-        return d
+    @property
+    def label(self) -> str:
+        if self.shards is not None:
+            return self.shards.label
+        return self._label or model_label(self.export.manifest)
 
-    def _cleanup(self) -> None:
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.export.manifest if self.export is not None else self.reader.manifest
+
+    def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
 
-    def close(self) -> None:
-        self.con.close()
-        self._cleanup()
-
-    def __enter__(self) -> Warehouse:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes of heavy-view data read from HDF5 so far (as stored on disk; 0 for an export)."""
-        return self.shards.bytes_read if self.shards is not None else 0
-
-    @staticmethod
-    def views() -> tuple[View, ...]:
-        return VIEWS
-
-    # -- sources ---------------------------------------------------------------------------
     def _guarded(self, fn: Callable[[], Any], view: str) -> Any:
         """Run a read for ``view``; a broken shard is remembered (DuckDB wraps what we raise)."""
         try:
             return fn()
         except QueryError as e:
-            self._failure = e
+            self.failure = e
             raise
         except _READ_ERRORS as e:
-            self._failure = shard_error(e, f"{self.path} (view {view})")
-            raise self._failure from None
+            self.failure = shard_error(e, f"{self.path} (view {view})")
+            raise self.failure from None
 
-    def _source(self, view: View) -> Any:
+    def source(self, view: View) -> Any:
+        """What DuckDB scans for a light or heavy view (derived views are SQL, not sources;
+        an export holds every view, derived ones too, as Parquet)."""
+        if self.export is not None:
+            return self._guarded(lambda: self.export.source(view), view.name)
         if view.heavy is None:
             return _WholeTable(arrow_schema(view, self.shards.d_model),
                                lambda: self._guarded(lambda: LIGHT[view.name](self.shards), view.name))
@@ -201,86 +140,70 @@ class Warehouse:
 
         return register_io_source(scan, schema=reader.schema)
 
-    # -- queries ---------------------------------------------------------------------------
-    def sql(self, sql: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
-        """Run one read-only statement; QueryError with DuckDB's message on a mistake."""
-        self._check_read_only(self._one_statement(sql))
-        self._failure = None
-        timer = None
-        if self.timeout is not None:
-            timer = threading.Timer(self.timeout, self.con.interrupt)
-            timer.daemon = True
-            timer.start()
+
+class Warehouse(ReadOnlyConnection):
+    """Opens a warehouse read-only; ``sql`` and ``run_analysis`` return Polars frames.
+
+    The views have exactly the documented columns (no ``model`` column: that is
+    ``query.Comparison``'s, over one or more warehouses).
+    ``pushdown=False`` reads every heavy view whole on its first use and lets DuckDB filter
+    it (the reference the narrowed reads are tested against; memory grows with the warehouse).
+    ``memory_limit`` (DuckDB size, e.g. ``"2GB"``) caps DuckDB's own memory; larger
+    intermediates spill to a fresh temporary directory outside the warehouse and the current
+    directory, removed on ``close``. ``timeout`` (seconds) interrupts a statement that runs
+    longer, with a QueryError. ``label``: the model's name in the ``models`` view.
+    """
+
+    def __init__(self, path: Path | str, threads: int | None = None, *, pushdown: bool = True,
+                 memory_limit: str | None = None, timeout: float | None = None,
+                 label: str | None = None) -> None:
+        self.path = Path(path)
+        self.pushdown = pushdown
+        if timeout is not None and not timeout > 0:
+            raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
+        self.src = WarehouseSources(self.path, label=label, pushdown=pushdown)
+        self.reader = self.src.reader
+        self.shards = self.src.shards
         try:
-            rel = self.con.sql(sql, params=params or None)
-            return pl.DataFrame() if rel is None else rel.pl()
-        except duckdb.InterruptException:
-            raise QueryError(f"interrupted: the statement ran longer than the timeout ({self.timeout:g} s)") from None
-        except Exception as e:
-            if self._failure is not None:
-                raise self._failure from None
-            if isinstance(e, QueryError):
-                raise
-            if not isinstance(e, duckdb.Error):
-                raise
-            raise QueryError(f"{_tidy(str(e))}\n{self._views_hint()}") from None
-        finally:
-            if timer is not None:
-                timer.cancel()
+            self._connect([self.path], threads, memory_limit, timeout)
+        except QueryError:
+            self.src.close()
+            raise
+        exported = self.src.export is not None
+        for v in VIEWS:
+            if not v.sql or exported:
+                self.con.register(v.name, self.src.source(v))
+        for v in VIEWS:
+            if v.sql and not exported:
+                self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
+        self._lock()
+
+    def _release(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def _failure(self) -> QueryError | None:
+        return self.src.failure
+
+    def _clear_failure(self) -> None:
+        self.src.failure = None
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of heavy-view data read from HDF5 so far (as stored on disk; 0 for an export)."""
+        return self.shards.bytes_read if self.shards is not None else 0
+
+    @staticmethod
+    def views() -> tuple[View, ...]:
+        return VIEWS
 
     def run_analysis(self, name: str, **params: Any) -> pl.DataFrame:
         """Run a named analysis (see ``list_analyses``) with parameters over its defaults."""
         a = get_analysis(name)
+        if is_comparison(a):
+            raise QueryError(f"{name} compares models: open the warehouses with query.Comparison "
+                             "(CLI: echowh query -w A -w B -a ...; one -w also works)")
         values = a.bind(params)
         return self.sql(a.sql, values or None)
-
-    # -- internals -------------------------------------------------------------------------
-    def _views_hint(self) -> str:
-        return "views: " + ", ".join(v.name for v in VIEWS)
-
-    def _one_statement(self, sql: str) -> Any:
-        try:
-            stmts = self.con.extract_statements(sql)
-        except duckdb.Error as e:
-            raise QueryError(f"{e}\n{self._views_hint()}") from None
-        if len(stmts) != 1:
-            raise QueryError(f"expected one SQL statement, got {len(stmts)}")
-        return stmts[0]
-
-    def _check_read_only(self, stmt: Any) -> None:
-        kind = str(stmt.type.name)
-        text = str(stmt.query).strip()
-        if kind == "EXPLAIN":
-            # EXPLAIN [ANALYZE | (options)] <statement>: the statement it explains must read.
-            inner = _EXPLAIN.sub("", text, count=1)
-            try:
-                inner_stmts = self.con.extract_statements(inner) if inner else []
-            except duckdb.Error as e:
-                raise QueryError(f"cannot read the statement EXPLAIN explains: {_first_line(str(e))}") from None
-            if len(inner_stmts) == 1 and str(inner_stmts[0].type.name) == "SELECT":
-                return
-            kind = str(inner_stmts[0].type.name) if len(inner_stmts) == 1 else kind
-        elif kind == "SELECT":
-            return
-        elif kind == "PRAGMA":
-            m = re.match(r"^\s*PRAGMA\s+(\w+)\s*(\(|;|$)", text, flags=re.IGNORECASE)
-            if m and m.group(1).lower() in _READ_PRAGMAS:
-                return
-        raise QueryError(
-            f"refused: {kind} statements are not allowed; the warehouse is read-only "
-            "(use SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN)"
-        )
-
-
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else message
-
-
-def _tidy(message: str) -> str:
-    """DuckDB's message, with its catalog guess replaced by the closest of our views."""
-    m = re.search(r"Table with name (\S+) does not exist", message)
-    if m is None:
-        return message
-    first = message.split("\n", 1)[0]
-    close = difflib.get_close_matches(m.group(1).lower(), list(VIEW_BY_NAME), n=1, cutoff=0.5)
-    return first + (f' Did you mean "{close[0]}"?' if close else "")

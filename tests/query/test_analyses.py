@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from query import QueryError, Warehouse, get_analysis, list_analyses
+from query import Comparison, QueryError, Warehouse, get_analysis, is_comparison, list_analyses
 from tests.query.conftest import DLA_HEAD, EMERGENCE, FLIPS, LOGIT_DIFF, PROMPTS, RANKS, D, H, L, T
 
 # The study's analyses (issue), then the aggregates the report charts.
@@ -19,20 +19,30 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "validation_summary", "lens_target", "head_dla_grid", "dla_vs_ablation_heads",
          "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer",
          # activation patching (issue 11; checked on a real extraction in test_patching_views.py)
-         "patching_recovery_map", "patching_top_heads", "patching_attribution", "patching_disagreements"}
+         "patching_recovery_map", "patching_top_heads", "patching_attribution", "patching_disagreements",
+         # model comparison (query.Comparison; tested against numpy in test_compare.py)
+         "compare_echo_accuracy", "compare_echo_words", "compare_emergence", "compare_emergence_prompts",
+         "compare_top_heads", "compare_first_token_attention", "compare_depth_profile"}
+
+
+@pytest.fixture()
+def one(wh: Warehouse):
+    """The same warehouse as a one-model comparison: compare_* analyses run there."""
+    with Comparison([wh.path]) as c:
+        yield c
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def test_catalogue_is_complete_and_self_consistent(wh: Warehouse) -> None:
+def test_catalogue_is_complete_and_self_consistent(wh: Warehouse, one: Comparison) -> None:
     assert {a.name for a in list_analyses()} == NAMES
     for a in list_analyses():
         assert a.description, a.name
         used = set(re.findall(r"\$(\w+)", a.sql))
         assert used == {p.name for p in a.params}, a.name
-        df = wh.run_analysis(a.name)
+        df = (one if is_comparison(a) else wh).run_analysis(a.name)
         assert [c[0] for c in a.columns] == df.columns, a.name
 
 
@@ -334,9 +344,9 @@ _POLARS = {"INTEGER": pl.Int32, "BIGINT": pl.Int64, "DOUBLE": pl.Float64, "FLOAT
            "VARCHAR": pl.String, "BOOLEAN": pl.Boolean, "TINYINT": pl.Int8}
 
 
-def test_declared_column_types_are_what_queries_return(wh: Warehouse) -> None:
+def test_declared_column_types_are_what_queries_return(wh: Warehouse, one: Comparison) -> None:
     for a in list_analyses():
-        df = wh.run_analysis(a.name)
+        df = (one if is_comparison(a) else wh).run_analysis(a.name)
         for name, typ, _ in a.columns:
             if typ in _POLARS:
                 assert df.schema[name] == _POLARS[typ], (a.name, name, typ, df.schema[name])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from echowh.cli import main
 
 VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
-              "validation, manifest, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
+              "validation, manifest, models, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
               "attention, patching, patching_pairs, patching_positions, patching_validation")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from extract.config import ExtractConfig
 from extract.run import extract
-from query import Warehouse, list_analyses
+from query import Comparison, Warehouse, is_comparison, list_analyses
 from store import INVARIANTS, A, F, WarehouseReader
 
 
@@ -28,10 +28,10 @@ def test_every_analysis_gives_rows_on_a_real_warehouse(real):
         flips = sum(int((r.read(A.TOP1_ID, i, subdir="ablation")
                          != r.read(A.CLEAN_TOP1_ID, i, subdir="ablation")).sum())
                     for i in r.ablation_indices())
-    with Warehouse(real) as wh:
+    with Warehouse(real) as wh, Comparison([real]) as one:
         for a in list_analyses():
             params = {p.name: 1 for p in a.params if p.name == "layer" and a.name != "ablation_flips"}
-            df = wh.run_analysis(a.name, **params)
+            df = (one if is_comparison(a) else wh).run_analysis(a.name, **params)
             assert df.columns == [c[0] for c in a.columns], a.name
             if a.name == "ablation_flips":
                 assert df.height == flips
