@@ -86,7 +86,7 @@ ld_dest FLOAT | LD of the destination's clean run
 shared_prefix INTEGER | leading positions identical in both prompts (never patched: identical activations)
 n_unpatchable INTEGER | destination positions with no counterpart (never guessed)
 embed_all_check VARCHAR | whether patch_embed_all_is_source was checked, and why not
-references VARCHAR | which clean runs the metrics use""")),
+clean_references VARCHAR | which clean runs the metrics use""")),
         View("patching_positions", "every destination position of every pair direction and its "
              "counterpart (empty unless extracted with --patching)", _c(f"""
 pair VARCHAR | template pair 'a-b'
@@ -171,7 +171,7 @@ def load(lo: Loader, name: str) -> pa.Table:
                        "token0_text": lo.text([t0])[0], "token1": t1, "token1_text": lo.text([t1])[0],
                        "ld_source": float(f[PT.LD_SOURCE.name][r]), "ld_dest": float(f[PT.LD_DEST.name][r]),
                        "shared_prefix": P, "n_unpatchable": int((d2s[r] == -1).sum()),
-                       "embed_all_check": notes[r], "references": _str(f.attrs["references"])}
+                       "embed_all_check": notes[r], "clean_references": _str(f.attrs["references"])}
                 for k, x in row.items():
                     cols[k].append(x)
             continue

@@ -20,6 +20,7 @@ import pytest
 from query import QueryError, Warehouse, list_analyses
 from query.analyses import is_comparison
 from query.export import EXPORT_FILE, export_parquet
+from query.views import VIEWS
 from tests.query.conftest import PROMPTS, build
 
 
@@ -71,7 +72,8 @@ def test_every_analysis_identical_on_both_forms(wh_path: Path, exported: Path) -
             if is_comparison(an):
                 continue  # compare_* run on query.Comparison (tests/query/test_compare.py)
             x, y = a.run_analysis(an.name), b.run_analysis(an.name)
-            assert x.height > 0, an.name
+            # this hand-made warehouse has no patching shards: those analyses are empty on both
+            assert x.height > 0 or an.name.startswith("patching_"), an.name
             assert _sorted(x).equals(_sorted(y)), an.name
 
 
@@ -144,7 +146,7 @@ def test_cli_export_then_query_the_export(wh_path: Path, tmp_path: Path) -> None
     r = subprocess.run([*cli, "export", "-w", str(wh_path), "--parquet", str(dest), "-q"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.startswith(f"wrote {dest}: 4 prompts, 19 views")
+    assert r.stderr.startswith(f"wrote {dest}: 4 prompts, {len(VIEWS)} views")
     r = subprocess.run([*cli, "query", "-w", str(dest), "-a", "emergence_layer", "--format", "csv"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
