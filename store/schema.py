@@ -50,6 +50,8 @@ class Mode(enum.IntEnum):
 
     ZERO = 0
     MEAN = 1
+    SINK = 2  # attention to position 0 removed, weights renormalised over the other keys
+    SINK_NORENORM = 3  # position 0's weight set to 0, not renormalised (= its value contribution removed)
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ ABLATION_ATTRS: dict[str, str] = {
     "modes": "ablation modes on axis M, e.g. ['zero', 'mean']",
     "positions": "'all' or 'last': where the unit's output was removed",
     "layers": "the layers on axis L (block indices)",
-    "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block",
+    "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block (sink modes: "
+               "unit H removes key 0 for every head of the layer, H+1 removes nothing)",
 }
 
 
