@@ -10,7 +10,7 @@ Dtype = Literal["float32", "bfloat16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 StoreDtype = Literal["float32", "bfloat16", "float16"]
 AblationPositions = Literal["all", "last"]
-AblationModeName = Literal["zero", "mean"]
+AblationModeName = Literal["zero", "mean", "sink", "sink_norenorm"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_TEMPLATES: tuple[str, ...] = (

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.capture import capture, derive, greedy_continue
+from extract.sinks import SINK_CAPTURES, add_sink_arrays
 from extract.config import ExtractConfig
 from extract.models import Adapter, ModelError, load_model
 from extract.prompts import (
@@ -116,6 +117,7 @@ def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: lis
         "words": words,
         "tokenizer_sha": tokenizer_hash(tok),
         "chat_template_sha": sha(getattr(tok, "chat_template", None)) if cfg.chat_template else None,
+        "sink_captures": SINK_CAPTURES,  # a warehouse without them (or older ones) is not resumed
     }
     parts = cfg.fingerprint_parts(resolved)
     fp = hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
@@ -219,6 +221,7 @@ def extract(cfg: ExtractConfig, log=print) -> RunSummary:
             logits_np = cap.logits.cpu().numpy()
             chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
             derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
+            add_sink_arrays(adapter, cap, derived, cfg.top_k)
             gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
             del cap
             items = [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)
