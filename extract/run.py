@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.capture import capture, derive, greedy_continue
-from extract.sinks import SINK_CAPTURES, add_sink_arrays
 from extract.config import ExtractConfig
 from extract.models import Adapter, ModelError, load_model
 from extract.prompts import (
@@ -30,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from extract.sinks import SINK_CAPTURES, add_sink_arrays
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
