@@ -22,6 +22,8 @@ from query.pushdown import Pred, eval_preds
 from store import A, F, M, Role, WarehouseReader
 from store.schema import ABLATION_DIR
 
+SINK_MODES = ("sink", "sink_norenorm")  # ablation modes whose unit H is every head (extract.ablation_grid)
+
 
 @dataclass(frozen=True)
 class Column:
@@ -57,9 +59,9 @@ def _c(spec: str) -> tuple[Column, ...]:
 
 _LAYER = "layer | residual after block `layer` (= boundary - 1; -1 = embeddings)"
 _UNIT = """\
-unit INTEGER | ablated unit: 0..H-1 heads, H = attention block, H+1 = MLP block
+unit INTEGER | ablated unit: 0..H-1 heads, H = attention block (sink modes: every head of the layer), H+1 = MLP block
 head INTEGER | head index (NULL for blocks)
-unit_kind VARCHAR | 'head', 'attn' or 'mlp'"""
+unit_kind VARCHAR | 'head', 'attn', 'mlp', or 'all_heads' (sink modes' unit H)"""
 
 VIEWS: tuple[View, ...] = (
     View("prompts", "one row per prompt: its word, template, target token and the model's answer", _c("""
@@ -120,7 +122,7 @@ head INTEGER | head index for component 'head', else NULL
 dla FLOAT | contribution to the target logit (frozen final scale)""")),
     View("ablation", "per-unit ablation results at the last position (empty when not extracted)", _c(f"""
 prompt INTEGER | prompt index
-mode VARCHAR | 'zero' or 'mean'
+mode VARCHAR | 'zero', 'mean', 'sink' (attention to position 0 removed, renormalised) or 'sink_norenorm' (position 0's value contribution removed)
 layer INTEGER | block index of the ablated unit
 {_UNIT}
 target_logit FLOAT | target logit after ablation
@@ -134,7 +136,7 @@ kl FLOAT | KL(clean || ablated), nats
 positions VARCHAR | where the unit was removed: 'all' or 'last'""")),
     View("ablation_topk", "top-k tokens after each ablation (empty when not extracted)", _c(f"""
 prompt INTEGER | prompt index
-mode VARCHAR | 'zero' or 'mean'
+mode VARCHAR | 'zero', 'mean', 'sink' or 'sink_norenorm' (see ablation)
 layer INTEGER | block index
 {_UNIT}
 k INTEGER | rank (0 = top-1)
@@ -451,7 +453,10 @@ class Loader:
             k_n = ref.shape[3] if topk else 1
             shape = (m_n, l_n, u_n, k_n)
             mi, li, ui, ki = (a.reshape(-1) for a in np.indices(shape))
-            unit_kind = np.where(ui < h, "head", np.where(ui == h, "attn", "mlp"))
+            # sink modes: unit H removes key 0 for every head ('all_heads'); unit H+1 removes nothing
+            sink = np.isin(np.array(modes + [""] * m_n, dtype=object)[mi], SINK_MODES)
+            unit_kind = np.where(ui < h, "head", np.where(ui == h, np.where(sink, "all_heads", "attn"), "mlp"))
+            keep = ~(sink & (ui == h + 1))
             cols: dict[str, Any] = {
                 "prompt": np.full(mi.size, p),
                 "mode": [modes[i] if i < len(modes) else str(i) for i in mi.tolist()],
@@ -471,7 +476,8 @@ class Loader:
                 cols["top1_text"] = self.text(cols["top1_id"])
                 cols["positions"] = [positions] * mi.size
             for k, v in cols.items():
-                parts.setdefault(k, []).append(list(v) if not isinstance(v, np.ndarray) else v)
+                v = np.asarray(v, dtype=object if not isinstance(v, np.ndarray) else None)[keep]
+                parts.setdefault(k, []).append(list(v) if v.dtype == object else v)
         if not parts:
             return arrow_schema(view, self.d_model).empty_table()
         merged = {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else sum(v, []))
@@ -654,3 +660,12 @@ def _attr_list(v: Any) -> list[str]:
         return [_attr_str(v)]
     return [_attr_str(x) for x in np.asarray(v).tolist()]
 
+
+
+# The attention-sink views are declared and loaded in their own module (query.sink_views).
+from query import sink_views as _sinks  # noqa: E402
+
+VIEWS = VIEWS + _sinks.SINK_VIEWS
+VIEW_BY_NAME.update({v.name: v for v in _sinks.SINK_VIEWS})
+for _name, _fn in _sinks.LOADERS.items():
+    setattr(Loader, _name, _fn)
