@@ -19,6 +19,7 @@ import vl_convert as vlc
 
 from query import Warehouse
 from reports import charts
+from reports.sinks import sink_sections
 
 
 class ReportError(Exception):
@@ -270,6 +271,11 @@ def _build(wh: Warehouse, words: tuple[str, ...], title: str | None) -> Report:
     findings.append(f"L{sink['layer']}H{sink['head']} puts {sink['mean_mass_first']:.1%} of its attention on position 0 "
                     f"on average (at least {sink['min_mass_first']:.1%} on every prompt); {n_sinks} of {att.height} heads "
                     "put ≥90% there.")
+
+    # -- attention sinks (reports.sinks) -----------------------------------------------------
+    sink_secs, sink_finds = sink_sections(wh, Section, visible)
+    sections += sink_secs
+    findings += sink_finds
 
     # -- cosine ------------------------------------------------------------------------------
     cos_sections = []
