@@ -82,7 +82,7 @@ def _layers(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Also store per-head outputs at every position (large: L x T x H x D per prompt).")
 @click.option("--batch-size", type=click.IntRange(1, 512), default=32, show_default=True,
               help="Prompts of equal length run together (no padding: exact).")
-@click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
+@click.option("--ablation", default="zero,sink,sink_norenorm", show_default=True, callback=_ablation_modes,
               help="Ablation modes after extraction, comma-separated, or none: zero, mean (a unit's output "
                    "replaced by 0 or its mean), sink (each head's attention to position 0 removed, weights "
                    "renormalised over the other keys; unit H: every head of the layer), sink_norenorm (the "

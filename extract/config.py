@@ -60,7 +60,7 @@ class ExtractConfig:
     """Prompts of equal length run together (no padding, so batching is exact)."""
     resume: bool = False
     """Continue a warehouse made with the same fingerprint, skipping finished prompts."""
-    ablation: tuple[AblationModeName, ...] = ("zero",)
+    ablation: tuple[AblationModeName, ...] = ("zero", "sink", "sink_norenorm")
     """(fingerprint) Ablation modes to run after extraction; empty for none."""
     ablate_positions: AblationPositions = "all"
     """(fingerprint) Remove a unit's output at every position, or at the last one only."""
