@@ -2,6 +2,11 @@
 
 Hooks only read: the model runs exactly as Hugging Face wrote it, and its own logits are
 compared with what the captured tensors imply (the invariants), so a wrong hook shows up.
+
+The hook points come from the family adapter (extract.families): ``attn_out`` / ``mlp_out`` are
+each block's contribution to the residual (after gemma's post-attention / post-feedforward
+norms), per-head outputs carry the frozen post-norm gain under sandwich norms, and DLA
+attributes the pre-soft-cap logit (invariant 4 compares cap * tanh(sum / cap) with the model).
 """
 
 from __future__ import annotations

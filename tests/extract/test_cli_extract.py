@@ -77,7 +77,8 @@ def test_unknown_model_type(tmp_path):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(d)
     r = _run("--model", str(d), "--out", str(tmp_path / "w"))
     assert r.exit_code == 1
-    assert _error_line(r) == "Error: model type 'gpt2' is not supported; supported types: llama, qwen2"
+    assert _error_line(r) == ("Error: model type 'gpt2' is not supported; supported types: "
+                              "llama, qwen2, qwen3, mistral, phi3, gemma2, gemma3_text")
 
 
 @pytest.mark.parametrize(("layers", "code", "line"), [
