@@ -17,7 +17,8 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "dla_vs_ablation_corr", "top_heads_consistency", "first_token_attention",
          "resid_cosine_templates", "bos_cosine", "ablation_flips",
          "validation_summary", "lens_target", "head_dla_grid", "dla_vs_ablation_heads",
-         "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer"}
+         "block_ablation", "first_token_attention_grid", "resid_cosine_by_layer",
+         "sink_heads", "sink_share", "sink_norms", "massive_activations", "sink_ablation"}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from echowh.cli import main
 
 VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
               "validation, manifest, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
-              "attention")
+              "attention, head_norms, resid_top, lens_first, first_token_share, attention_norm")
 
 
 def run(*args: str):
