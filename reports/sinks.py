@@ -136,7 +136,7 @@ def sink_sections(wh: Warehouse, Section: type, visible: Callable[[str | None], 
         if mode not in modes:
             continue
         ab = wh.run_analysis("sink_ablation", mode=mode)
-        rows = pick.join(ab, on=["layer", "head"], how="inner")
+        rows = pick.join(ab, on=["layer", "head"], how="inner").sort("weight_first", descending=True)
         tables.append((f"{mode}: attention to position 0 removed, {what} (sink_ablation)", rows))
         for r in rows.head(2).iter_rows(named=True):
             findings.append(f"Removing {_head(r)}'s attention to position 0 ({mode}: {what}) changes the target "
@@ -146,7 +146,8 @@ def sink_sections(wh: Warehouse, Section: type, visible: Callable[[str | None], 
         whole = ab.filter(pl.col("head").is_null()).sort("mean_kl", descending=True)
         if whole.height:
             w = whole.row(0, named=True)
-            findings.append(f"Removing it from every head of layer {w['layer']} at once ({mode}) costs the most: mean KL "
+            findings.append(f"Removing attention to position 0 from every head of layer {w['layer']} at once ({mode}) "
+                            f"costs the most of any layer: mean KL "
                             f"{w['mean_kl']:.3g} nats, top-1 changed for {w['top1_changed']:.0%} of prompts.")
     sections.append(Section(
         "Removing the sink", f"For the {TOP_HEADS} heads with the most first-token attention, the effect of removing "
