@@ -10,6 +10,7 @@ import click
 from extract.config import (
     DEFAULT_MODEL,
     DEFAULT_TEMPLATES,
+    AblationModeName,
     AblationPositions,
     DeviceChoice,
     Dtype,
@@ -23,9 +24,9 @@ def _ablation_modes(ctx, param, value: str) -> tuple[str, ...]:
     if value.strip().lower() == "none":
         return ()
     modes = tuple(m.strip().lower() for m in value.split(",") if m.strip())
-    bad = [m for m in modes if m not in ("zero", "mean")]
+    bad = [m for m in modes if m not in choices(AblationModeName)]
     if bad or not modes:
-        raise click.BadParameter("use zero, mean, zero,mean or none")
+        raise click.BadParameter(f"use none or a comma-separated list of {', '.join(choices(AblationModeName))}")
     return tuple(dict.fromkeys(modes))
 
 
@@ -101,8 +102,11 @@ def _pairs(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | None:
 @click.option("--batch-size", type=click.IntRange(1, 512), default=None,
               help="Prompts of equal length run together (no padding: exact). Default: from the "
                    "device (32 on a CPU; on a GPU from its memory and the model's shape).")
-@click.option("--ablation", default="zero", show_default=True, callback=_ablation_modes,
-              help="Ablation modes after extraction: zero, mean, zero,mean or none.")
+@click.option("--ablation", default="zero,sink,sink_norenorm", show_default=True, callback=_ablation_modes,
+              help="Ablation modes after extraction, comma-separated, or none: zero, mean (a unit's output "
+                   "replaced by 0 or its mean), sink (each head's attention to position 0 removed, weights "
+                   "renormalised over the other keys; unit H: every head of the layer), sink_norenorm (the "
+                   "same without renormalising: position 0's value contribution removed).")
 @click.option("--ablate-positions", type=click.Choice(choices(AblationPositions)), default="all",
               show_default=True, help="Remove a unit's output (a head, or a whole attention or MLP block) at every "
                    "position, or only at the last one (reuses the clean keys and values: faster).")

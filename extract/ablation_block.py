@@ -10,6 +10,12 @@ float32 and the weighted values -- grouped by KV head, with no repeat_kv copies.
 Interventions act at three named points of a block, each ``out = value * keep + repl``:
 ``z`` the o_proj input (per-head slices), ``attn`` the attention block's contribution to the
 residual (after the post-attention norm under sandwich norms) and ``mlp`` the MLP block's.
+
+Sink removal (``Ablate.key0``) is one more source of ``repl_z``: the attention core also runs
+with absolute key 0 removed for every head -- ``drop`` masks its score (the softmax renormalises
+over the other keys; a query with no other key writes 0) and ``zero`` sets its weight to 0
+after the softmax (no renormalisation: position 0's value contribution removed) -- and a
+config takes the removed heads' slices from that variant instead of the clean one.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ class Ablate:
     repl_a: torch.Tensor | None = None
     repl_m: torch.Tensor | None = None
     sel: tuple[slice, ...] = ()  # () = every row
+    # Sink removal: variant ('drop' | 'zero') -> 0/1 weight per config (shaped like keep_z's
+    # config axis, width 1): where keep_z is 0 such a config takes that variant's z.
+    key0: dict[str, torch.Tensor] | None = None
+
+    def sink_repl(self, variants: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """repl_z plus (1 - keep_z) * sum_v w_v * z_v, z_v the o_proj input with key 0 removed."""
+        out = self.repl_z
+        for name, w in (self.key0 or {}).items():
+            zv = variants[name][self.sel] if self.sel else variants[name]
+            add = (1 - self.keep_z) * w * zv
+            out = add if out is None else out + add
+        return out
 
     def apply(self, x: torch.Tensor, keep: torch.Tensor, repl: torch.Tensor | None) -> torch.Tensor:
         if not self.sel:
@@ -78,6 +96,22 @@ def _far(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.
     return far if bool(far.any()) else None
 
 
+def _softmax(scores: torch.Tensor, key0: str | None) -> torch.Tensor:
+    """float32 softmax over the last axis (keys by absolute position, key 0 first); see attend."""
+    if key0 == "drop":
+        scores = scores.clone()
+        scores[..., 0] = float("-inf")
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return torch.nan_to_num(p, nan=0.0)  # a query whose only key was 0 attends to nothing
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if key0 == "zero":
+        p = p.clone()
+        p[..., 0] = 0.0
+    elif key0 is not None:
+        raise ValueError(f"key0 must be 'drop' or 'zero', not {key0!r}")
+    return p
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,6 +124,7 @@ def attend(
     sh_k: torch.Tensor | None = None,
     sh_v: torch.Tensor | None = None,
     sh_mask: torch.Tensor | None = None,
+    key0: str | None = None,
 ) -> torch.Tensor:
     """The attention core: (c, KV, N, G, S, hd) queries -> (c, KV, N, G*S, hd) weighted values.
 
@@ -97,6 +132,9 @@ def attend(
     sh_v (c|1, KV, P, hd) keys at absolute positions 0..P-1 every row of a config sees, sh_mask
     (c|1, P) True where such a key is padding. Scores: q.k * scale, then cap*tanh(s/cap) when
     soft-capped, then the causal mask, the sliding window and the padding (HF's order).
+    ``key0`` removes absolute key 0 for every head: ``'drop'`` masks its score (renormalised
+    over the other keys; a query that sees no other key gets all-zero weights), ``'zero'``
+    zeroes its weight after the softmax (not renormalised).
     """
     c, KV, N, G, S, hd = q.shape
     neg = float("-inf")
@@ -110,7 +148,9 @@ def attend(
         mask = (mask | far)[:, None, None, None]  # (c|1, 1, 1, 1, S, S)
     s_self = s_self.masked_fill(mask, neg)
     if sh_k is None:
-        p = torch.softmax(s_self, dim=-1, dtype=torch.float32).to(q.dtype)
+        if key0 is not None:
+            assert int(q_pos.reshape(-1)[0]) == 0, "without shared keys, own key 0 must be position 0"
+        p = _softmax(s_self, key0).to(q.dtype)
         return p.reshape(c, KV, N, G * S, S) @ v
     P = sh_k.shape[-2]
     cq = max(c, sh_k.shape[0])
@@ -122,7 +162,7 @@ def attend(
     far_sh = _far(q_pos, torch.arange(P, device=dev)[None], window)  # (c|1, S, P)
     if far_sh is not None:
         s_sh = s_sh.masked_fill(far_sh[:, None, None, None], neg)
-    p = torch.softmax(torch.cat([s_sh, s_self], -1), dim=-1, dtype=torch.float32).to(q.dtype)
+    p = _softmax(torch.cat([s_sh, s_self], -1), key0).to(q.dtype)
     out = (p[..., :P].reshape(cq, KV, N * G * S, P) @ sh_v).view(cq, KV, N, G * S, hd)
     return out + p[..., P:].reshape(cq, KV, N, G * S, S) @ v
 
@@ -164,12 +204,16 @@ def block(
     if kv_only:
         return BlockOut(None, k, v)
     q = rotate(q, cs, sn).view(c, N, S, KV, G, hd).permute(0, 3, 1, 4, 2, 5)  # (c, KV, N, G, S, hd)
-    out = attend(q, k, v, q_pos, scale=ad.scaling(m), softcap=a.attn_softcap, window=a.windows[m],
-                 sh_k=sh_k, sh_v=sh_v, sh_mask=sh_mask)  # (c', KV, N, G*S, hd)
-    cq = out.shape[0]
-    z = out.view(cq, KV, N, G, S, hd).permute(0, 2, 4, 1, 3, 5).reshape(cq, N, S, H * hd)
+    def core(key0: str | None = None) -> torch.Tensor:
+        out = attend(q, k, v, q_pos, scale=ad.scaling(m), softcap=a.attn_softcap, window=a.windows[m],
+                     sh_k=sh_k, sh_v=sh_v, sh_mask=sh_mask, key0=key0)  # (c', KV, N, G*S, hd)
+        cq = out.shape[0]
+        return out.view(cq, KV, N, G, S, hd).permute(0, 2, 4, 1, 3, 5).reshape(cq, N, S, H * hd)
+
+    z = core()
     if ab is not None:
-        z = ab.apply(z, ab.keep_z, ab.repl_z)  # broadcasts c == 1 to every config
+        repl = ab.sink_repl({v: core(v) for v in ab.key0}) if ab.key0 else ab.repl_z
+        z = ab.apply(z, ab.keep_z, repl)  # broadcasts c == 1 to every config
     attn_out = ad.o_proj(m)(z)
     post = ad.post_attn(m)
     if post is not None:

@@ -138,8 +138,17 @@ class GridSpec:
     identity: bool = False  # test hook: every config removes nothing (must reproduce clean)
 
 
-def _keeps(ad: Adapter, spec: GridSpec, dev, dtype) -> tuple[torch.Tensor, ...]:
-    """0/1 masks (C,) x width of what each config (mode-major, then unit) keeps."""
+SINK_VARIANT = {"sink": "drop", "sink_norenorm": "zero"}  # mode -> ablation_block key-0 variant
+
+
+def _keeps(ad: Adapter, spec: GridSpec, dev, dtype) -> tuple:
+    """0/1 masks (C,) x width of what each config (mode-major, then unit) keeps; per-config
+    mean and sink-variant weights.
+
+    zero/mean: unit u < H removes head u's o_proj-input slice, H the attention block, H+1 the
+    MLP block. sink/sink_norenorm: unit u < H removes key 0 for head u, H for every head of the
+    layer, H+1 nothing (its row reproduces the clean run).
+    """
     a = ad.arch
     H, hd, D = a.n_heads, a.head_dim, a.d_model
     U = H + 2
@@ -150,12 +159,26 @@ def _keeps(ad: Adapter, spec: GridSpec, dev, dtype) -> tuple[torch.Tensor, ...]:
     ka[H] = 0
     km = torch.ones(U, D, dtype=dtype, device=dev)
     km[H + 1] = 0
-    M = len(spec.modes)
+    kz_sink = kz.clone()
+    kz_sink[H] = 0  # every head's slice
+    one = torch.ones(U, D, dtype=dtype, device=dev)
+    z_rows, a_rows, m_rows = [], [], []
+    for mo in spec.modes:
+        sink = mo in SINK_VARIANT
+        z_rows.append(kz_sink if sink else kz)
+        a_rows.append(one if sink else ka)
+        m_rows.append(one if sink else km)
+    kz, ka, km = torch.cat(z_rows), torch.cat(a_rows), torch.cat(m_rows)
     if spec.identity:
         kz, ka, km = torch.ones_like(kz), torch.ones_like(ka), torch.ones_like(km)
-    is_mean = torch.tensor([mo == "mean" for mo in spec.modes], dtype=dtype, device=dev)
-    is_mean = is_mean.repeat_interleave(U)  # (C,)
-    return kz.repeat(M, 1), ka.repeat(M, 1), km.repeat(M, 1), is_mean
+
+    def per_config(pred) -> torch.Tensor:
+        return torch.tensor([pred(mo) for mo in spec.modes], dtype=dtype, device=dev).repeat_interleave(U)
+
+    is_mean = per_config(lambda mo: mo == "mean")  # (C,)
+    key0 = {v: per_config(lambda mo, v=v: SINK_VARIANT.get(mo) == v)
+            for v in ("drop", "zero") if any(SINK_VARIANT.get(mo) == v for mo in spec.modes)}
+    return kz, ka, km, is_mean, key0
 
 
 def _ablate(keeps, means: Means | None, tpl: int, m: int, key_idx: torch.Tensor,
@@ -165,18 +188,20 @@ def _ablate(keeps, means: Means | None, tpl: int, m: int, key_idx: torch.Tensor,
     ``shape`` is how (C, width) masks broadcast onto the selected rows, e.g. (C, 1, 1, -1) when
     configs are axis 0, (1, C, 1, -1) when they are axis 1.
     """
-    kz, ka, km, is_mean = keeps
+    kz, ka, km, is_mean, key0 = keeps
     keep_z, keep_a, keep_m = (k.view(shape) for k in (kz, ka, km))
+    w_shape = shape[:-1] + (1,)  # (C as shape) x 1
+    k0 = {v: w.view(w_shape) for v, w in key0.items()} or None
     if means is None or not bool(is_mean.any()):
-        return Ablate(keep_z, keep_a, keep_m, sel=sel)
-    w = is_mean.view(shape[:-1] + (1,))  # (C as shape) x 1
+        return Ablate(keep_z, keep_a, keep_m, sel=sel, key0=k0)
+    w = is_mean.view(w_shape)
 
     def repl(keep: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         mean = table[tpl][m][key_idx]  # (..., S, X)
         return (1 - keep) * w * mean
 
     return Ablate(keep_z, keep_a, keep_m, repl(keep_z, means.z), repl(keep_a, means.attn),
-                  repl(keep_m, means.mlp), sel=sel)
+                  repl(keep_m, means.mlp), sel=sel, key0=k0)
 
 
 def _all_positions(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, rope,

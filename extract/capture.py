@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from extract.models import Adapter
+from extract.sinks import sink_hooks, stack_norms
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Captured:
     pattern: torch.Tensor  # (B, L, H, T, T)
     logits: torch.Tensor  # (B, V) the model's own logits at the last position (soft-capped if it caps)
     cache: object  # the model's KV cache, to continue generation without recomputing
+    sinks: dict[str, torch.Tensor]  # (B, L, H, T) query/key/value/value-out norms (extract.sinks)
 
 
 @contextmanager
@@ -76,6 +78,7 @@ def _hooks(adapter: Adapter, store: dict[str, list]):
             handles.append(adapter.o_proj(i).register_forward_pre_hook(pre_o(i)))
             handles.append(adapter.mlp_point(i).register_forward_hook(post_point("mlp", i, False)))
         handles.append(layers[-1].register_forward_hook(post_last))
+        handles += sink_hooks(adapter, store)
         yield
     finally:
         for h in handles:
@@ -103,6 +106,7 @@ def capture(adapter: Adapter, input_ids: torch.Tensor) -> Captured:
         pattern=torch.stack(store["pattern"], 1).to(f32),
         logits=out.logits[:, -1].to(f32),
         cache=getattr(out, "cache", None) or getattr(out, "past_key_values", None),
+        sinks=stack_norms(store),
     )
     D, H = a.d_model, a.n_heads
     assert cap.resid.shape == (B, L + 1, T, D), cap.resid.shape

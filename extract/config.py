@@ -10,7 +10,7 @@ Dtype = Literal["float32", "bfloat16"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 StoreDtype = Literal["float32", "bfloat16", "float16"]
 AblationPositions = Literal["all", "last"]
-AblationModeName = Literal["zero", "mean"]
+AblationModeName = Literal["zero", "mean", "sink", "sink_norenorm"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -64,7 +64,7 @@ class ExtractConfig:
     allow_env_change: bool = False
     """Let ``resume`` continue in another environment (device, dtype, torch or transformers
     version than the run that made the warehouse); every run's environment is recorded."""
-    ablation: tuple[AblationModeName, ...] = ("zero",)
+    ablation: tuple[AblationModeName, ...] = ("zero", "sink", "sink_norenorm")
     """(fingerprint) Ablation modes to run after extraction; empty for none."""
     ablate_positions: AblationPositions = "all"
     """(fingerprint) Remove a unit's output at every position, or at the last one only."""

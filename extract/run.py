@@ -29,6 +29,7 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
+from extract.sinks import SINK_CAPTURES, add_sink_arrays
 from extract.sizing import sizes
 from store.lock import refuse_if_writing
 from store.schema import (
@@ -149,6 +150,7 @@ def _manifest(cfg: ExtractConfig, adapter: Adapter, tok, ident: dict, words: lis
         "words": words,
         "tokenizer_sha": tokenizer_hash(tok),
         "chat_template_sha": sha(getattr(tok, "chat_template", None)) if cfg.chat_template else None,
+        "sink_captures": SINK_CAPTURES,  # a warehouse without them (or older ones) is not resumed
     }
     parts = cfg.fingerprint_parts(resolved)
     fp = hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
@@ -220,6 +222,7 @@ def compute_batch(adapter: Adapter, batch: list[Prompt], cfg: ExtractConfig, eos
     logits_np = cap.logits.cpu().numpy()  # (B, V)
     chosen = [choose_target(p, logits_np[i]) for i, p in enumerate(batch)]
     derived = derive(adapter, cap, [c[1] for c in chosen], cfg.top_k, cfg.head_out_all_positions)
+    add_sink_arrays(adapter, cap, derived, cfg.top_k)  # value/key/query norms, massive activations
     gens = greedy_continue(adapter, cap, cfg.max_new_tokens, eos)
     del cap
     return [(p, *c, d, g) for p, c, d, g in zip(batch, chosen, derived, gens, strict=True)]

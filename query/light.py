@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from query.shards import Shards
-from query.views import ROLE_NAMES, VIEW_BY_NAME, View, arrow_schema
+from query.views import ROLE_NAMES, SINK_MODES, VIEW_BY_NAME, View, arrow_schema
 from store import A, F, M
 from store.schema import ABLATION_DIR
 
@@ -159,13 +159,15 @@ def _ablation_shard(s: Shards, p: int, topk: bool) -> dict[str, Any]:
     m_n, l_n, u_n = ref.shape[:3]
     k_n = ref.shape[3] if topk else 1
     mi, li, ui, ki = (a.reshape(-1) for a in np.indices((m_n, l_n, u_n, k_n)))
+    # sink modes: unit H removes key 0 for every head ('all_heads'); unit H+1 removes nothing (dropped)
+    sink = np.isin(np.array(modes + [""] * m_n, dtype=object)[mi], SINK_MODES)
     cols: dict[str, Any] = {
         "prompt": np.full(mi.size, p),
         "mode": [modes[i] if i < len(modes) else str(i) for i in mi.tolist()],
         "layer": layers[li] if layers.size == l_n else li,
         "unit": ui,
         "head": [u if u < h else None for u in ui.tolist()],
-        "unit_kind": np.where(ui < h, "head", np.where(ui == h, "attn", "mlp")).tolist(),
+        "unit_kind": np.where(ui < h, "head", np.where(ui == h, np.where(sink, "all_heads", "attn"), "mlp")).tolist(),
     }
     if topk:
         ids = s.r.read(A.TOPK_IDS, p, subdir=ABLATION_DIR).reshape(-1)
@@ -181,6 +183,10 @@ def _ablation_shard(s: Shards, p: int, topk: bool) -> dict[str, Any]:
         cols["clean_top1_text"] = s.text(cols["clean_top1_id"])
         cols["top1_changed"] = cols["top1_id"] != cols["clean_top1_id"]
         cols["rank_change"] = cols["target_rank"] - cols["clean_target_rank"]
+    keep = ~(sink & (ui == h + 1))
+    if not keep.all():
+        cols = {k: (v[keep] if isinstance(v, np.ndarray) else [x for x, k_ in zip(v, keep, strict=True) if k_])
+                for k, v in cols.items()}
     return cols
 
 
@@ -273,3 +279,8 @@ LIGHT: dict[str, Callable[[Shards], pa.Table]] = {
 from query import patching_views  # noqa: E402
 
 LIGHT.update({name: (lambda s, n=name: patching_views.load(s, n)) for name in patching_views.NAMES})
+
+# Attention-sink views stored per prompt (query.sink_views).
+from query import sink_views  # noqa: E402
+
+LIGHT.update(sink_views.LIGHT)

@@ -23,6 +23,7 @@ from store import F, Role
 from store.schema import Field
 
 ROLE_NAMES = {int(r): r.name.lower() for r in Role}
+SINK_MODES = ("sink", "sink_norenorm")  # ablation modes whose unit H is every head (extract.ablation_grid)
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,13 @@ ROLE = Column("role", "TINYINT", "role of the position")
 TOKEN_ID = Column("token_id", "INTEGER", "token id")
 TOKEN_TEXT = Column("token_text", "VARCHAR", "token text")
 K = Column("k", "INTEGER", "rank within the top-k (0 = top-1)")
-MODE = Column("mode", "VARCHAR", "'zero' or 'mean'")
+MODE = Column("mode", "VARCHAR", "'zero', 'mean', 'sink' (attention to position 0 removed, renormalised) or "
+              "'sink_norenorm' (position 0's value contribution removed)")
 UNIT = (
-    Column("unit", "INTEGER", "ablated unit: 0..H-1 heads, H = attention block, H+1 = MLP block"),
+    Column("unit", "INTEGER", "ablated unit: 0..H-1 heads, H = attention block (sink modes: every head of the "
+                              "layer), H+1 = MLP block"),
     Column("head", "INTEGER", "head index (NULL for blocks)"),
-    Column("unit_kind", "VARCHAR", "'head', 'attn' or 'mlp'"),
+    Column("unit_kind", "VARCHAR", "'head', 'attn', 'mlp', or 'all_heads' (sink modes' unit H)"),
 )
 
 
@@ -273,6 +276,11 @@ FROM logit_lens GROUP BY prompt""",
 from query import patching_views  # noqa: E402  (needs View and Column above)
 
 VIEWS = VIEWS + patching_views.views()
+
+# The attention-sink views are declared (and their loaders kept) in their own module.
+from query import sink_views  # noqa: E402
+
+VIEWS = VIEWS + sink_views.views()
 VIEW_BY_NAME: dict[str, View] = {v.name: v for v in VIEWS}
 
 _ARROW: dict[str, pa.DataType] = {

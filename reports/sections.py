@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from query import Warehouse
-from reports import charts, patching
+from reports import charts, patching, sinks
 from reports.model import Section, visible
 
 
@@ -312,6 +312,6 @@ def cosine(ctx: Ctx) -> list[Section]:
 
 
 SECTIONS: tuple[Callable[[Ctx], list[Section]], ...] = (
-    run_summary, echo_behaviour, emergence, logit_lens, head_dla, ablation_sections, first_token_attention, cosine,
-    patching.section,
+    run_summary, echo_behaviour, emergence, logit_lens, head_dla, ablation_sections, first_token_attention,
+    sinks.section, cosine, patching.section,
 )

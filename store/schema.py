@@ -20,7 +20,7 @@ looks raises instead of returning a wrong number (``echowh verify`` finds the re
 Datasets are named by a typed :class:`Field` (never by parsing strings): each field knows
 its HDF5 name, its axes and whether it is an activation (stored in ``--store-dtype``).
 Axis symbols: L layers, B = L + 1 residual boundaries, T tokens of the prompt, H query
-heads, D d_model, K top-k, N generated tokens, M ablation modes, U ablation units
+heads, D d_model, K top-k, KR the residual's top-|value| count, N generated tokens, M ablation modes, U ablation units
 (H heads, then the attention block, then the MLP block).
 """
 
@@ -68,6 +68,8 @@ class Mode(enum.IntEnum):
 
     ZERO = 0
     MEAN = 1
+    SINK = 2  # attention to position 0 removed, weights renormalised over the other keys
+    SINK_NORENORM = 3  # position 0's weight set to 0, not renormalised (= its value contribution removed)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,37 @@ class F:
     DLA_ATTN_BIAS = Field("dla_attn_bias", ("L",), "float32", "DLA of the o_proj bias (0 without one)")
     DLA_MLP = Field("dla_mlp", ("L",), "float32", "DLA of every MLP to the target")
     GENERATED_IDS = Field("generated_ids", ("N",), "int32", "greedy continuation token ids")
+    # Attention-sink captures (extract.sinks); optional: warehouses from before them lack them.
+    VALUE_NORM = Field("value_norm", ("L", "H", "T"), "float32",
+                       "||v_j||: norm of the value vector head h reads at position j (its KV group's)",
+                       optional=True)
+    VALUE_OUT_NORM = Field(
+        "value_out_norm", ("L", "H", "T"), "float32",
+        "||v_j W_O^h||: what head h writes per unit of attention on key j (sandwich norms: times the "
+        "post-attention gain g, without the per-query 1/rms scale)", optional=True,
+    )
+    KEY_NORM = Field("key_norm", ("L", "H", "T"), "float32",
+                     "||k_j|| of head h's KV-group key (after q/k norm and RoPE, before the score scale)",
+                     optional=True)
+    QUERY_NORM = Field("query_norm", ("L", "H", "T"), "float32",
+                       "||q_i|| of head h's query (after q/k norm and RoPE, before the score scale)",
+                       optional=True)
+    RESID_TOP_VALUES = Field("resid_top_values", ("B", "T", "KR"), "float32",
+                             "the residual's KR = 8 largest |values| per boundary and position (signed, largest first)",
+                             optional=True)
+    RESID_TOP_DIMS = Field("resid_top_dims", ("B", "T", "KR"), "int32", "their dimensions", optional=True)
+    RESID_MEDIAN_ABS = Field("resid_median_abs", ("B", "T"), "float32",
+                             "median |value| of the residual vector at each boundary and position", optional=True)
+    RESID_MEDIAN_ABS_ALL = Field(
+        "resid_median_abs_all", ("B",), "float32",
+        "median |value| of the boundary's whole hidden state (all positions and dimensions; Sun et al. 2024)",
+        optional=True,
+    )
+    LENS_FIRST_TOPK_IDS = Field("lens_first_topk_ids", ("B", "K"), "int32",
+                                "logit-lens top-k token ids per boundary at position 0", optional=True)
+    LENS_FIRST_TOPK_LOGITS = Field("lens_first_topk_logits", ("B", "K"), "float32", "their logits", optional=True)
+    LENS_FIRST_TOPK_PROBS = Field("lens_first_topk_probs", ("B", "K"), "float32",
+                                  "their softmax probabilities", optional=True)
     VALIDATION = Field("validation", ("I",), "compound", "invariant checks of this prompt")
 
     ALL: tuple[Field, ...] = ()  # filled below
@@ -254,7 +287,8 @@ ABLATION_ATTRS: dict[str, str] = {
     "modes": "ablation modes on axis M, e.g. ['zero', 'mean']",
     "positions": "'all' or 'last': where the unit's output was removed",
     "layers": "the layers on axis L (block indices)",
-    "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block",
+    "n_heads": "units 0..H-1 are heads; unit H is the attention block, H+1 the MLP block (sink modes: "
+               "unit H removes key 0 for every head of the layer, H+1 removes nothing)",
 }
 
 # Every shard (and model.h5) also carries ``schema_version``, stamped on commit.

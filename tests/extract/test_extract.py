@@ -275,7 +275,7 @@ def test_bfloat16_compute_tracks_float32(tiny_qwen2_dir, tmp_path):
     for dt in ("float32", "bfloat16"):
         out = tmp_path / dt
         s = extract(ExtractConfig(out=out, model=str(tiny_qwen2_dir), words=("cat", "dog"), dtype=dt,
-                                  ablation=("zero", "mean"), ablate_layers=(0, 2), progress=False),
+                                  ablation=("zero", "mean", "sink"), ablate_layers=(0, 2), progress=False),
                     log=lambda m: None)
         assert not s.failed, s.validation
         runs[dt] = out
@@ -285,7 +285,8 @@ def test_bfloat16_compute_tracks_float32(tiny_qwen2_dir, tmp_path):
         assert max(v["max_rel_err"] for v in r16.manifest["validation"].values()) <= tol
         for i in r32.prompt_indices():
             assert r16.prompt_attrs(i)["target_id"] == r32.prompt_attrs(i)["target_id"]
-            for f in (F.RESID, F.ATTN_PATTERN, F.FINAL_LOGITS, F.LENS_TARGET_LOGIT, F.DLA_HEAD, F.DLA_MLP):
+            for f in (F.RESID, F.ATTN_PATTERN, F.FINAL_LOGITS, F.LENS_TARGET_LOGIT, F.DLA_HEAD, F.DLA_MLP,
+                      F.VALUE_OUT_NORM, F.VALUE_NORM, F.KEY_NORM, F.QUERY_NORM, F.RESID_MEDIAN_ABS_ALL):
                 _close(r16.read(f, i), r32.read(f, i), tol)
             for f in (A.TARGET_LOGIT, A.LOGIT_DIFF, A.KL):
                 _close(r16.read(f, i, subdir="ablation"), r32.read(f, i, subdir="ablation"), tol)

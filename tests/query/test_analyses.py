@@ -22,7 +22,9 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "patching_recovery_map", "patching_top_heads", "patching_attribution", "patching_disagreements",
          # model comparison (query.Comparison; tested against numpy in test_compare.py)
          "compare_echo_accuracy", "compare_echo_words", "compare_emergence", "compare_emergence_prompts",
-         "compare_top_heads", "compare_first_token_attention", "compare_depth_profile"}
+         "compare_top_heads", "compare_first_token_attention", "compare_depth_profile",
+         # attention sinks (issue 10; checked against numpy in test_sinks.py)
+         "sink_heads", "sink_share", "sink_norms", "massive_activations", "sink_ablation"}
 
 
 @pytest.fixture()

@@ -12,7 +12,8 @@ from echowh.cli import main
 
 VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
               "validation, manifest, models, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
-              "attention, patching, patching_pairs, patching_positions, patching_validation")
+              "attention, patching, patching_pairs, patching_positions, patching_validation, head_norms, resid_top, "
+              "lens_first, attention_norm, first_token_share")
 
 
 def run(*args: str):
