@@ -41,8 +41,11 @@ def hf_logits(adapter: Adapter, prompts: Sequence[Prompt], vocab: torch.Tensor |
     hidden = adapter.model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, D), normed
     h = hidden[torch.arange(len(prompts), device=dev), last]  # (N, D)
     if vocab is None:
-        return adapter.lm_head(h).float()
-    return (h @ adapter.lm_head.weight[vocab].T).float()  # (N, |vocab|): the same rows of the same head
+        logits = adapter.lm_head(h).float()
+    else:
+        logits = (h @ adapter.lm_head.weight[vocab].T).float()  # (N, |vocab|): the same rows of the same head
+    cap = adapter.arch.final_softcap  # gemma: the model's final-logit soft-cap, as its own forward applies it
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def mean_rows(means: abl.Means, p: Prompt, layer: int) -> tuple[torch.Tensor, ...]:
