@@ -155,9 +155,9 @@ def embedded_identity(alias: str, folder: Path) -> dict[str, Any]:
     """The manifest identity of a converted embedded model: its GGUF's content SHA-256."""
     src = json.loads((folder / "echowh-source.json").read_text())
     if "gguf_sha256" in src:  # assembled from chunks: the package checked this hash
-        rev = f"gguf-sha256-{src['gguf_sha256'][:16]}"
+        rev = f"gguf-sha256-{src['gguf_sha256']}"
     else:  # shipped whole: hash its bytes (cached by file identity)
-        rev = f"gguf-sha256-{content_sha256(_package_dir(alias) / EMBEDDED_ALIASES[alias].gguf)[:16]}"
+        rev = f"gguf-sha256-{content_sha256(_package_dir(alias) / EMBEDDED_ALIASES[alias].gguf)}"
     return {"model": alias, "source": f"gguf:{src['gguf']}", "revision": rev}
 
 

@@ -57,7 +57,8 @@ class Ctx:
 
 
 def ablation_info(wh: Warehouse) -> Ablation:
-    rows = wh.sql("SELECT DISTINCT mode, positions FROM ablation").rows()
+    # Unit-removal modes only: the sink modes have their own section (reports.sinks).
+    rows = wh.sql("SELECT DISTINCT mode, positions FROM ablation WHERE mode IN ('zero', 'mean')").rows()
     modes = sorted({m for m, _ in rows}, key=lambda m: (m != "zero", m))
     positions = sorted({p for _, p in rows})
     layers = wh.sql("SELECT DISTINCT layer FROM ablation ORDER BY layer")["layer"].to_list() if rows else []

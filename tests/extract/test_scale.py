@@ -150,7 +150,7 @@ def test_qwen25_15b_shape_runs_the_whole_pipeline(qwen15_dir, tmp_path):
     summary = extract(cfg, log=lambda m: None)
     assert summary.failed == []
     # every invariant of a run with ablation was checked, each within the bfloat16 tolerance
-    assert set(summary.validation) == set(INVARIANTS)
+    assert set(summary.validation) == {k for k in INVARIANTS if not k.startswith("patch_")}  # no --patching
     for v in summary.validation.values():
         assert v["max_abs_err"] <= TOLERANCE["bfloat16"] or v["max_rel_err"] <= TOLERANCE["bfloat16"]
     man = json.loads((out / "manifest.json").read_text())

@@ -37,6 +37,8 @@ def test_every_analysis_gives_rows_on_a_real_warehouse(real):
             assert df.columns == [c[0] for c in a.columns], a.name
             if a.name == "ablation_flips":
                 assert df.height == flips
+            elif a.name.startswith("patching_"):  # this warehouse has no --patching: empty, with the columns
+                assert df.height == 0, a.name
             else:
                 assert df.height > 0, a.name
 
@@ -46,9 +48,11 @@ def test_every_invariant_is_in_the_validation_view(real):
         rows = wh.sql("SELECT invariant, count(*) AS n, bool_and(passed) AS ok FROM validation "
                       "GROUP BY invariant ORDER BY invariant").rows()
         summary = wh.run_analysis("validation_summary")
-    assert [r[0] for r in rows] == sorted(INVARIANTS)  # the 5 of the extraction + the ablation engine's
+    # the 5 of the extraction + the ablation engine's (the patching ones need --patching)
+    checked = sorted(k for k in INVARIANTS if not k.startswith("patch_"))
+    assert [r[0] for r in rows] == checked
     assert all(n == 6 and ok for _, n, ok in rows)
-    assert summary["n_passed"].to_list() == [6] * len(INVARIANTS)
+    assert summary["n_passed"].to_list() == [6] * len(checked)
 
 
 def test_numbers_match_the_raw_arrays(real):
