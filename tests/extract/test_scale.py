@@ -146,7 +146,7 @@ def test_qwen25_15b_shape_runs_the_whole_pipeline(qwen15_dir, tmp_path):
     out = tmp_path / "w"
     cfg = ExtractConfig(out=out, model=str(qwen15_dir), dtype="bfloat16", store_dtype="bfloat16",
                         words=("cat", "dog"), templates=("repeat the following word: {word}",),
-                        ablate_layers=(26, 27), max_new_tokens=2, progress=False)
+                        ablate_layers=(26, 27), ablation=("zero",), max_new_tokens=2, progress=False)
     summary = extract(cfg, log=lambda m: None)
     assert summary.failed == []
     # every invariant of a run with ablation was checked, each within the bfloat16 tolerance
@@ -162,6 +162,7 @@ def test_qwen25_15b_shape_runs_the_whole_pipeline(qwen15_dir, tmp_path):
     assert len(shards) == 2
     with h5py.File(shards[0]) as f:
         text = f.attrs["text"]
+        text = text.decode() if isinstance(text, bytes) else text  # fixed-length UTF-8 attribute
         T = int(f.attrs["n_tokens"])
         assert f["resid"].shape == (29, T, 1536)  # (L+1, T, D)
     assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")  # Qwen2.5's template
