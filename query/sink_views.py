@@ -28,15 +28,9 @@ _LAYER = "layer INTEGER | residual after block `layer` (= boundary - 1; -1 = emb
 
 
 def _c(spec: str) -> tuple:
-    """Columns from ``name TYPE | doc`` lines (one table per view, kept next to its doc)."""
-    from query.views import Column
+    from query.views import columns_from_spec  # query.views imports this module: bind late
 
-    out = []
-    for line in spec.strip().splitlines():
-        left, doc = line.split("|", 1)
-        name, typ = left.split(None, 1)
-        out.append(Column(name.strip(), typ.strip(), doc.strip()))
-    return tuple(out)
+    return columns_from_spec(spec)
 
 
 _NORMED = """

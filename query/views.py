@@ -121,6 +121,17 @@ def _cols(*cols: Column) -> tuple[Column, ...]:
     return tuple(cols)
 
 
+def columns_from_spec(spec: str) -> tuple[Column, ...]:
+    """Columns from ``name TYPE | doc`` lines (the patching and sink view modules keep their
+    column tables next to their docs this way)."""
+    out = []
+    for line in spec.strip().splitlines():
+        left, doc = line.split("|", 1)
+        name, typ = left.split(None, 1)
+        out.append(Column(name.strip(), typ.strip(), doc.strip()))
+    return tuple(out)
+
+
 def _vec(doc: str) -> Column:
     return Column("vec", "FLOAT[D]", doc)
 
