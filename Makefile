@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint bench patching
 
 $(VENV)/.echowh-setup: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -14,6 +14,14 @@ setup: $(VENV)/.echowh-setup
 run: setup
 	$(BIN)/echowh extract --out $(OUT)/warehouse --resume
 	$(BIN)/echowh report -w $(OUT)/warehouse -o $(OUT)/report.html
+
+# Activation patching (off in the main job: README 'Activation patching') on four words, then its report.
+PATCH_WORDS ?= cat dog house river
+patching: setup
+	mkdir -p $(OUT)
+	printf '%s\n' $(PATCH_WORDS) > $(OUT)/patch_words.txt
+	$(BIN)/echowh extract --patching --words $(OUT)/patch_words.txt --out $(OUT)/patching --resume
+	$(BIN)/echowh report -w $(OUT)/patching -o $(OUT)/patching.html
 
 # Tests: also installs Debian's chromium (report rendering) and hdf5-tools (h5dump) when root.
 test: setup

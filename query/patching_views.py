@@ -46,7 +46,7 @@ kind VARCHAR | 'resid', 'attn', 'mlp', 'head' (one position), 'head_all' (every 
 boundary INTEGER | residual boundary for resid kinds (0 = embeddings), else NULL
 layer INTEGER | block index; for resid kinds boundary - 1 (-1 = embeddings), as in the resid view
 head INTEGER | head for 'head'/'head_all', else NULL
-dst_pos INTEGER | destination position patched (NULL: several)
+dst_pos INTEGER | destination position patched (NULL: several at once, head_all and a resid_all of more than one token)
 src_pos INTEGER | aligned source position read (NULL: several)
 from_end INTEGER | destination positions before the last (0 = last): aligns words of different lengths
 dst_role VARCHAR | role of dst_pos ('template', 'word', 'suffix', 'last')
@@ -70,7 +70,7 @@ word VARCHAR | the word
 {_DIR}
 source_prompt INTEGER | source prompt
 dest_prompt INTEGER | destination prompt
-ld_rule VARCHAR | 'top1': source top-1 minus destination top-1; 'target': target minus the destination's strongest other token (the top-1s agree)
+ld_rule VARCHAR | 'top1': source top-1 minus destination top-1; 'target' (the top-1s agree): target minus the token with the highest clean destination logit other than the target
 token0 INTEGER | LD's first token
 token0_text VARCHAR | its text
 token1 INTEGER | LD's second token
