@@ -20,7 +20,8 @@ INTRO = (
     "Heimersheim & Nanda 2024): one activation of the source prompt is put into the destination "
     "prompt's run and the destination's answer is measured at its last position. Recovery = "
     "(LD patched − LD destination) / (LD source − LD destination) of the logit difference LD "
-    "(source's top-1 minus destination's top-1 when they differ): 1 means that one activation carries "
+    "(the source's top-1 minus the destination's when they differ; when they agree, the target minus the "
+    "destination's strongest other token): 1 means that one activation carries "
     "the whole difference between the templates. Direction 0 patches template a into b (denoising b "
     "towards a's answer), direction 1 the reverse. Positions are counted from the end so words of "
     "different lengths line up; the shared prefix is identical in both prompts and never patched. "
@@ -35,7 +36,7 @@ def recovery_heatmap(df: pl.DataFrame, title: str) -> alt.Chart:
     df = df.with_columns((pl.col("from_end").cast(pl.Utf8) + " " + pl.col("token").fill_null("")).alias("position"))
     order = df.sort("from_end", descending=True)["position"].unique(maintain_order=True).to_list()
     return alt.Chart(alt.Data(values=df.select("direction", "layer", "position", "mean_recovery",
-                                               "mean_attribution_recovery", "n_words").to_dicts()),
+                                               "mean_attribution_recovery", "pooled_recovery", "n_words").to_dicts()),
                      title=title).mark_rect().encode(
         x=alt.X("position:N", sort=order, title="destination position (tokens before the last · token)"),
         y=alt.Y("layer:O", sort="descending", title="layer (residual after block; -1 = embeddings)"),
@@ -43,6 +44,7 @@ def recovery_heatmap(df: pl.DataFrame, title: str) -> alt.Chart:
                         title="recovery"),
         column=alt.Column("direction:N", title="direction"),
         tooltip=["direction:N", "layer:O", "position:N", alt.Tooltip("mean_recovery:Q", format=".3f"),
+                 alt.Tooltip("pooled_recovery:Q", format=".3f"),
                  alt.Tooltip("mean_attribution_recovery:Q", format=".3f"), "n_words:Q"],
     ).properties(width=300, height=360)
 

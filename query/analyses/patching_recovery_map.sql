@@ -15,6 +15,8 @@
 -- column: role VARCHAR | its role
 -- column: n_words BIGINT | words averaged
 -- column: mean_recovery DOUBLE | mean normalised recovery (0 = destination, 1 = source)
+-- column: pooled_recovery DOUBLE | mean ld_change / mean (LD source - LD dest): recovery of the mean effect, not swayed by a word whose two prompts' LDs nearly agree (the mean of ratios is)
+-- column: min_abs_ld_gap DOUBLE | smallest |LD source - LD dest| among the words (a small one makes that word's recovery noisy)
 -- column: mean_ld_change DOUBLE | mean change of the logit difference
 -- column: mean_attribution_recovery DOUBLE | attribution patching's estimate of mean_recovery
 -- column: mean_kl_source DOUBLE | mean KL(source || patched)
@@ -22,10 +24,13 @@ SELECT pair, direction, kind, layer, from_end,
        mode(dst_token) AS token, mode(dst_role) AS role,
        count(*) AS n_words,
        avg(recovery) AS mean_recovery,
+       avg(ld_change) / avg(ld_gap) AS pooled_recovery,
+       min(abs(ld_gap)) AS min_abs_ld_gap,
        avg(ld_change) AS mean_ld_change,
        avg(attribution_recovery) AS mean_attribution_recovery,
        avg(kl_source) AS mean_kl_source
-FROM patching
+FROM (SELECT p.*, q.ld_source - q.ld_dest AS ld_gap
+      FROM patching p JOIN patching_pairs q USING (pair, word, direction))
 WHERE kind = CAST($kind AS VARCHAR)
   AND (CAST($word AS VARCHAR) IS NULL OR word = CAST($word AS VARCHAR))
   AND (CAST($direction AS INTEGER) IS NULL OR direction = CAST($direction AS INTEGER))

@@ -83,6 +83,16 @@ def test_analyses_against_polars(wh_dir):
     j = m.join(exp, on=["pair", "layer", "from_end"])
     assert j.height == m.height == exp.height
     np.testing.assert_allclose(j["mean_recovery"], j["e"], rtol=1e-6, atol=1e-6)
+    # pooled recovery: mean effect over mean LD gap, the gap from patching_pairs' clean LDs
+    with Warehouse(wh_dir) as wh:
+        pairs = wh.sql("SELECT pair, word, direction, ld_source - ld_dest AS gap FROM patching_pairs")
+    pooled = (v.filter((pl.col("kind") == "attn") & (pl.col("direction") == 1)).join(pairs, on=["pair", "word", "direction"])
+              .group_by("pair", "layer", "from_end")
+              .agg((pl.col("ld_change").mean() / pl.col("gap").mean()).alias("pooled"), pl.col("gap").abs().min().alias("g")))
+    jp = m.join(pooled, on=["pair", "layer", "from_end"])
+    assert jp.height == m.height
+    np.testing.assert_allclose(jp["pooled_recovery"], jp["pooled"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jp["min_abs_ld_gap"], jp["g"], rtol=1e-6)
     assert set(one["n_words"]) == {1}
     # top heads: ranked by mean head_all recovery; ablation and DLA ranks present (zero ablation ran)
     hv = (v.filter(pl.col("kind") == "head_all").group_by("pair", "direction", "layer", "head")
