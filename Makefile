@@ -20,7 +20,7 @@ PATCH_WORDS ?= cat dog house river
 patching: setup
 	mkdir -p $(OUT)
 	printf '%s\n' $(PATCH_WORDS) > $(OUT)/patch_words.txt
-	$(BIN)/echowh extract --patching --words $(OUT)/patch_words.txt --out $(OUT)/patching --resume
+	$(BIN)/echowh extract --patching --ablation zero --words $(OUT)/patch_words.txt --out $(OUT)/patching --resume
 	$(BIN)/echowh report -w $(OUT)/patching -o $(OUT)/patching.html
 
 # Tests: also installs Debian's chromium (report rendering) and hdf5-tools (h5dump) when root.
