@@ -4,16 +4,22 @@ The driver (the ``echowh extract --ray`` process) builds the prompt set, writes 
 and the model file, and cuts the same extraction batches (``run.batches``) and ablation groups
 (``ablation.grid_groups``) from the whole prompt set as the local run does, so results do not
 depend on where they ran. Each batch or group is one task on a pool of actors; an actor loads
-the model once and writes its prompts' shards straight into the warehouse directory (a path
-every node sees: a shared filesystem) with the store's atomic shard writer (``*.partial``,
-fsync, rename). The driver alone writes the manifest and shows the progress bar.
+the model once and writes its prompts' shards into the warehouse directory (a path every node
+sees: a shared filesystem) with a staging writer: each shard is written as ``*.partial``,
+fsynced and hashed, and the task returns the (path, SHA-256) pairs. The driver alone writes
+``shards.sha256``: for each result it appends the entries, then renames the files to their
+shard names (``WarehouseWriter.publish``). Concurrent appends from actors on several nodes
+are not safe on NFS; and with the ledger written first, a kill anywhere leaves no shard
+without its entry (the argument is in store.ledger). The driver alone also writes the
+manifest and shows the progress bar.
 
 Failures: an actor whose process dies is restarted by Ray (``max_restarts``) and the task it
 was running is retried (``max_task_retries``). A retried task recomputes its whole batch (a
 batch's numbers depend on its composition) and writes only the shards still missing: a
 finished shard is never rewritten, a ``*.partial`` left by the dead process is overwritten
-and never visible under a shard's name. A resumed run (``--resume``, on Ray or locally) does
-the same from the shards on disk, so the modes can be mixed.
+and never visible under a shard's name (a dead attempt's files are never published: only a
+result the driver receives is). A resumed run (``--resume``, on Ray or locally) does the same
+from the shards on disk, so the modes can be mixed.
 
 Ray is optional (``pip install -e .[ray]``); it is imported only here.
 """
@@ -47,7 +53,7 @@ from extract.run import (
 )
 from extract.sizing import sizes
 from store.lock import refuse_if_writing
-from store.schema import ABLATION_DIR, TOLERANCE, F
+from store.schema import ABLATION_DIR, PROMPTS_DIR, TOLERANCE, F, prompt_shard_name
 from store.warehouse import WarehouseReader, WarehouseWriter
 
 RAY_MISSING = ("--ray needs Ray, an optional extra: pip install 'echo-warehouse[ray]' "
@@ -106,7 +112,9 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 class Worker:
     """One Ray actor: the model loaded once; runs extraction batches and ablation groups.
 
-    Every method returns a placement record (where it ran) with what it wrote.
+    Every method returns a placement record (where it ran) with what it wrote, and under
+    ``staged`` the (path, SHA-256) of each shard it sealed as ``*.partial``: the driver
+    publishes them. An actor never opens the ledger and never gives a shard its final name.
     """
 
     def __init__(self, cfg: ExtractConfig, fingerprint: str, threads: int) -> None:
@@ -121,7 +129,8 @@ class Worker:
         self.by_index = {p.index: p for p in self.prompts}
         self.eos = eos_ids(self.adapter, self.tok)
         self.tol = TOLERANCE[cfg.dtype]
-        self.w = WarehouseWriter(cfg.out, cfg.store_dtype)  # no lock: the driver holds it
+        # no lock, no ledger: the driver holds the lock, records and renames what this seals
+        self.w = WarehouseWriter(cfg.out, cfg.store_dtype, staging=True)
         self.w.manifest = {"fingerprint": fingerprint}  # every shard stamped with the run's
         self.means = None
 
@@ -138,19 +147,18 @@ class Worker:
         t = time.perf_counter()
         batch = [self.by_index[i] for i in indices]
         done = self.w.done()
-        written = []
+        self.w.take_staged()  # nothing is left from a failed call: its files are not reported
         if not all(p.index in done for p in batch):
             for item in compute_batch(self.adapter, batch, self.cfg, self.eos):
                 if item[0].index not in done:
                     write_prompt(self.w, *item, self.tok, self.tol, self.fingerprint)
-                    written.append(item[0].index)
-        return self._record("extract", indices, written, t)
+        return self._record("extract", indices, t)
 
     def ablate_group(self, indices: list[int], targets: dict[int, int]) -> dict[str, Any]:
         """Run one ablation group (as ``grid_groups`` cut it); write its missing shards."""
         t = time.perf_counter()
         cfg = self.cfg
-        before = self.w.done(ABLATION_DIR)
+        self.w.take_staged()
         if "mean" in cfg.ablation and self.means is None:
             from extract.ablation import compute_means
 
@@ -163,13 +171,19 @@ class Worker:
                 reference=lambda i: stored.read(F.FINAL_LOGITS, i), tolerance=self.tol,
                 means=self.means, only=lambda g: [p.index for p in g] == indices,
             )
-        written = sorted(set(indices) - before)
-        return self._record("ablation", indices, written, t)
+        return self._record("ablation", indices, t)
 
-    def _record(self, phase: str, indices: list[int], written: list[int], t: float) -> dict[str, Any]:
+    def _record(self, phase: str, indices: list[int], t: float) -> dict[str, Any]:
         warnings, self.w.warnings[:] = list(self.w.warnings), []
-        return {"phase": phase, "prompts": list(indices), "written": written,
-                "seconds": round(time.perf_counter() - t, 3), "warnings": warnings, **self.where()}
+        staged = self.w.take_staged()
+        return {"phase": phase, "prompts": list(indices), "written": sorted(_index(rel) for rel, _ in staged),
+                "seconds": round(time.perf_counter() - t, 3), "warnings": warnings, "staged": staged,
+                **self.where()}
+
+
+def _index(rel: str) -> int:
+    """The prompt index of a shard path (``.../pNNNNN.h5``)."""
+    return int(rel.rsplit("/", 1)[-1][1:].split(".", 1)[0])
 
 
 def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = print,
@@ -186,7 +200,7 @@ def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = 
         raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
     check_reachable(rc.address)
     t0 = time.perf_counter()
-    # The driver only writes the manifest and model.h5: it loads the model on its CPU (the head
+    # The driver computes only the manifest and model.h5: it loads the model on its CPU (the head
     # node need not have a GPU); the actors load it where cfg.device says.
     refuse_if_writing(cfg.out)  # at once, before the model loads; create() takes the lock
     adapter, tok, ident, words, prompts = prepare(dataclasses.replace(cfg, device="cpu"))
@@ -232,7 +246,7 @@ def _drive(ray, cfg: ExtractConfig, rc: RayConfig, w: WarehouseWriter, adapter, 
         pool = ActorPool(actors)
         last_write = [time.perf_counter()]
 
-        def collect(phase: str, jobs: list[list[int]], method: str, *args: Any) -> None:
+        def collect(phase: str, subdir: str, jobs: list[list[int]], method: str, *args: Any) -> None:
             bar = tqdm(total=sum(map(len, jobs)), unit="prompt", desc=f"{phase} (ray x{rc.workers})",
                        disable=not cfg.progress or not jobs, file=sys.stderr)
             for job in jobs:
@@ -245,6 +259,9 @@ def _drive(ray, cfg: ExtractConfig, rc: RayConfig, w: WarehouseWriter, adapter, 
                         raise RayError(f"a {phase} task failed after {rc.max_retries} retries: "
                                        f"{' '.join(str(e).split())[:300]}; the warehouse is "
                                        "resumable with --resume") from None
+                    # the ledger entries, then the shard names: only this process writes either
+                    published = set(w.publish(r.pop("staged")))
+                    r["written"] = [i for i in r["written"] if f"{subdir}/{prompt_shard_name(i)}" in published]
                     placement.append({"session": session, **{k: v for k, v in r.items() if k != "warnings"}})
                     w.warnings.extend(r["warnings"])
                     bar.update(len(r["prompts"]))
@@ -259,8 +276,8 @@ def _drive(ray, cfg: ExtractConfig, rc: RayConfig, w: WarehouseWriter, adapter, 
         t1 = time.perf_counter()
         jobs = [[p.index for p in b] for b in batches(prompts, batch_size)
                 if not all(p.index in done for p in b)]
-        collect("extract", jobs, "extract_batch")
-        n_extracted = len(w.done() - done)  # also what a killed attempt wrote before it died
+        collect("extract", PROMPTS_DIR, jobs, "extract_batch")
+        n_extracted = len(w.done() - done)  # the shards this session published
         timings: dict[str, Any] = {"load_s": round(t_load, 3), "extract_s": round(time.perf_counter() - t1, 3),
                                    "extract_prompts": n_extracted}
         if cfg.ablation:
@@ -270,7 +287,7 @@ def _drive(ray, cfg: ExtractConfig, rc: RayConfig, w: WarehouseWriter, adapter, 
             have = w.done(ABLATION_DIR)
             groups = [[p.index for p in g] for g in grid_groups(prompts)
                       if not all(p.index in have for p in g)]
-            collect("ablation", groups, "ablate_group", targets)
+            collect("ablation", ABLATION_DIR, groups, "ablate_group", targets)
             n_abl = len(w.done(ABLATION_DIR) - have)
             timings.update({"ablation_s": round(time.perf_counter() - t2, 3), "ablation_prompts": n_abl})
     except BaseException:

@@ -133,7 +133,7 @@ class Comparison(ReadOnlyConnection):
             self.labels = assign_labels([a.label for a in args], [m.label for m in self.members],
                                         [a.path for a in args])
             for m, label in zip(self.members, self.labels, strict=True):
-                m.shards.label = label
+                m.label = label  # an HDF5 warehouse or a Parquet export (query.export)
             self._connect([a.path for a in args], threads, memory_limit, timeout)
         except QueryError:
             self._release()
@@ -155,7 +155,7 @@ class Comparison(ReadOnlyConnection):
             for v in VIEWS:
                 if v.sql:  # derived: its SQL binds in the warehouse's own schema
                     self.con.execute(f"CREATE VIEW {schema}.{v.name} AS {v.sql}")
-        mixed = len({m.shards.d_model for m in self.members}) > 1
+        mixed = len({m.d_model for m in self.members}) > 1
         for v in VIEWS:
             vectors = [c.name for c in v.columns if c.type == "FLOAT[D]"]
             cols = "*" + (f" REPLACE ({', '.join(f'{c}::FLOAT[] AS {c}' for c in vectors)})"
@@ -181,8 +181,8 @@ class Comparison(ReadOnlyConnection):
 
     @property
     def bytes_read(self) -> int:
-        """Bytes of heavy-view data read from HDF5 so far, over every warehouse."""
-        return sum(m.shards.bytes_read for m in self.members)
+        """Bytes of heavy-view data read from HDF5 so far, over every warehouse (exports: 0)."""
+        return sum(m.bytes_read for m in self.members)
 
     def _views_hint(self) -> str:
         own = ", ".join(f"{ident(label)}.<view>" for label in self.labels)

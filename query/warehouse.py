@@ -97,6 +97,22 @@ class WarehouseSources:
             return self.shards.label
         return self._label or model_label(self.export.manifest)
 
+    @label.setter
+    def label(self, value: str) -> None:
+        """The label a comparison gives this warehouse (its ``model`` column and ``models`` view)."""
+        self._label = value
+        if self.shards is not None:
+            self.shards.label = value
+
+    @property
+    def d_model(self) -> int:
+        return self.shards.d_model if self.shards is not None else self.export.d_model
+
+    @property
+    def bytes_read(self) -> int:
+        """Heavy-view bytes read from HDF5 so far (0 for an export: Parquet scans are not counted)."""
+        return self.shards.bytes_read if self.shards is not None else 0
+
     @property
     def manifest(self) -> dict[str, Any]:
         return self.export.manifest if self.export is not None else self.reader.manifest
@@ -120,7 +136,10 @@ class WarehouseSources:
         """What DuckDB scans for a light or heavy view (derived views are SQL, not sources;
         an export holds every view, derived ones too, as Parquet)."""
         if self.export is not None:
-            return self._guarded(lambda: self.export.source(view), view.name)
+            lf = self._guarded(lambda: self.export.source(view), view.name)
+            if view.name == "models":  # the label given now (-w LABEL=DIR), as the HDF5 form has it
+                lf = lf.with_columns(pl.lit(self.label, dtype=pl.String).alias("model"))
+            return lf
         if view.heavy is None:
             return _WholeTable(arrow_schema(view, self.shards.d_model),
                                lambda: self._guarded(lambda: LIGHT[view.name](self.shards), view.name))

@@ -18,6 +18,36 @@ not change a file's bytes, so:
 
 ``compact`` (run by the writer under its lock when a run starts) rewrites the ledger
 atomically with one entry per existing file, so after a finished run ``sha256sum -c`` passes.
+
+One process writes the ledger. A local run appends from its own process. Under ``--ray`` many
+actor processes, possibly on other nodes, write shards into a shared directory, and concurrent
+``O_APPEND`` writes are atomic on a local filesystem but not on NFS (each client computes the
+end of the file itself: lines from two nodes can overwrite each other). So the work is split
+(``store.shard.ShardWriter`` with ``staged``, ``WarehouseWriter(staging=True)``,
+``WarehouseWriter.publish``):
+
+- the actor *seals* a shard: writes it as ``*.partial``, flushes, closes and fsyncs it and
+  computes its SHA-256, then stops -- no ledger entry, no rename -- and returns
+  (final path, digest) with the task's result;
+- the driver, the one process holding the writer lock, *publishes* what a result lists:
+  it appends all its entries to the ledger (one write, one fsync), then renames each
+  ``*.partial`` to its final name and fsyncs the directories.
+
+The order above is unchanged (the entry is durable before the name exists), so the argument
+holds as it is, with two more places a kill can land:
+
+- the actor dies after sealing, before its result reaches the driver: ``*.partial`` files
+  without entries, never under a shard's name. Ray retries the task, which rewrites them (it
+  writes every shard whose final name is missing), or a ``--resume`` deletes them and
+  recomputes them; ``verify`` lists them as partial writes, never as shards;
+- the driver dies before or during the publishing: the same as a local run killed before the
+  append, or between the append and the rename (entries for names that do not exist, dropped
+  by ``compact`` on resume).
+
+Had the actor renamed the file itself and left only the append to the driver, a kill between
+the two would leave a complete-looking shard without an entry: ``verify`` would flag it for
+ever and ``--resume`` would count it as done. Publishing in the driver keeps the invariant
+that every final name has an entry for exactly its bytes, whoever wrote them.
 """
 
 from __future__ import annotations
@@ -26,6 +56,7 @@ import hashlib
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from store.schema import LEDGER_NAME, PARTIAL_SUFFIX
@@ -68,12 +99,20 @@ class Ledger:
 
     def record(self, final: Path, digest: str) -> None:
         """Durably append ``digest`` for ``final`` (call before renaming the file to ``final``)."""
-        rel = Path(final).relative_to(self.root).as_posix()
-        line = f"{digest}  {rel}\n".encode()
+        self.record_many([(final, digest)])
+
+    def record_many(self, entries: Sequence[tuple[Path, str]]) -> None:
+        """Durably append one entry per (final path, digest), in one write and one fsync."""
+        if not entries:
+            return
+        data = "".join(f"{digest}  {Path(final).relative_to(self.root).as_posix()}\n"
+                       for final, digest in entries).encode()
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line)
+                view = memoryview(data)
+                while view:  # os.write may write less than asked (a signal, a full disk's edge)
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -10,7 +10,7 @@ fixed-length UTF-8 (variable-length strings live in the global heap, which has n
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,23 @@ def bfloat16_type() -> h5py.h5t.TypeFloatID:
     t.set_size(2)
     t.set_ebias(127)
     return t
+
+
+def partial_path(final: Path) -> Path:
+    """Where a file is written before it is renamed to ``final``."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def publish(items: Sequence[tuple[Path, str]], ledger: Ledger | None) -> None:
+    """Give sealed ``*.partial`` files their final names, the ledger first (store.ledger):
+    every (final path, SHA-256) is appended in one write and fsync before the first rename,
+    then each file is renamed and each directory fsynced."""
+    if ledger is not None:
+        ledger.record_many(items)
+    for final, _ in items:
+        os.replace(partial_path(final), final)
+    for folder in dict.fromkeys(Path(final).parent for final, _ in items):
+        fsync_dir(folder)
 
 
 def fsync_dir(path: Path) -> None:
@@ -71,15 +88,21 @@ class ShardWriter:
 
     ``ledger``: where the file's SHA-256 is recorded before the rename (see store.ledger).
     ``stamp``: attributes the warehouse writer sets on every file (fingerprint, prompt index).
+    ``staged``: commit only seals the ``*.partial`` file and appends (final path, SHA-256)
+    here; another process (a Ray run's driver) records and renames it with :func:`publish`.
     """
 
     def __init__(self, final: Path, store_dtype: StoreDtype = "float32", *, ledger: Ledger | None = None,
-                 stamp: Mapping[str, Any] | None = None) -> None:
+                 stamp: Mapping[str, Any] | None = None,
+                 staged: list[tuple[Path, str]] | None = None) -> None:
+        if staged is not None and ledger is not None:
+            raise ValueError("a staged shard is recorded by whoever publishes it, not by its writer")
         self.final = Path(final)
-        self.tmp = self.final.with_name(self.final.name + PARTIAL_SUFFIX)
+        self.tmp = partial_path(self.final)
         self.store_dtype = store_dtype
         self.warnings: list[str] = []
         self.ledger = ledger
+        self.staged = staged
         self.stamp = dict(stamp or {})
         self._f = h5py.File(self.tmp, "w", libver=LIBVER, locking=False)
 
@@ -147,8 +170,8 @@ class ShardWriter:
             data, dtype = _attr_value(v)
             self._f.attrs.create(k, data, dtype=dtype)
 
-    def commit(self) -> None:
-        """Stamp, flush, fsync, record the SHA-256, rename: after this the shard is complete."""
+    def seal(self) -> None:
+        """Stamp, flush, close and fsync the ``*.partial`` file: its bytes are final."""
         self.attrs({**self.stamp, "schema_version": SCHEMA_VERSION})
         self._f.flush()
         self._f.close()
@@ -157,6 +180,14 @@ class ShardWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def commit(self) -> None:
+        """Seal, record the SHA-256, rename: after this the shard is complete. With ``staged``:
+        seal and hand (final path, SHA-256) over; the shard is complete once published."""
+        self.seal()
+        if self.staged is not None:
+            self.staged.append((self.final, sha256_file(self.tmp)))
+            return
         if self.ledger is not None:
             self.ledger.record(self.final, sha256_file(self.tmp))  # durable before the name exists
         os.replace(self.tmp, self.final)

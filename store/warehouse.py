@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from store.schema import (
     StoreDtype,
     prompt_shard_name,
 )
-from store.shard import ShardWriter, fsync_dir
+from store.shard import ShardWriter, fsync_dir, partial_path, publish
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -68,15 +69,21 @@ class WarehouseWriter:
 
     Holds the warehouse's writer lock (store.lock) from ``create`` until ``close`` or the
     process's death; records every committed file's SHA-256 in the ledger (store.ledger).
+
+    ``staging=True`` (a Ray actor's writer, which holds no lock): files are sealed as
+    ``*.partial``, never recorded or renamed, and ``take_staged`` hands them to the lock
+    holder, which makes them shards with ``publish``. Such a writer has no ledger at all.
     """
 
     manifest: dict[str, Any]
+    ledger: Ledger | None
 
-    def __init__(self, root: Path, store_dtype: StoreDtype = "float32") -> None:
+    def __init__(self, root: Path, store_dtype: StoreDtype = "float32", *, staging: bool = False) -> None:
         self.root = Path(root)
         self.store_dtype = store_dtype
         self.warnings: list[str] = []
-        self.ledger = Ledger(self.root)
+        self.ledger = None if staging else Ledger(self.root)
+        self.staged: list[tuple[Path, str]] | None = [] if staging else None
         self._lock: WriterLock | None = None
         self.manifest = {}  # set by create(); a bare writer stamps no fingerprint
 
@@ -146,11 +153,50 @@ class WarehouseWriter:
         return {**({"fingerprint": fp} if fp is not None else {}), **more}
 
     def model_writer(self) -> ShardWriter:
-        return ShardWriter(self.root / MODEL_FILE, "float32", ledger=self.ledger, stamp=self._stamp())
+        return ShardWriter(self.root / MODEL_FILE, "float32", ledger=self.ledger, stamp=self._stamp(),
+                           staged=self.staged)
 
     def shard_writer(self, index: int, subdir: str = PROMPTS_DIR) -> ShardWriter:
         return _Collecting(self.root / subdir / prompt_shard_name(index), self.store_dtype, self.warnings,
-                           ledger=self.ledger, stamp=self._stamp(prompt_index=index))
+                           ledger=self.ledger, stamp=self._stamp(prompt_index=index), staged=self.staged)
+
+    def take_staged(self) -> list[tuple[str, str]]:
+        """(path relative to the warehouse, SHA-256) of each file sealed since the last call,
+        in order: what a staging writer's owner hands to ``publish``. Empties the list."""
+        if self.staged is None:
+            raise ValueError("take_staged needs a staging writer (WarehouseWriter(..., staging=True))")
+        out = [(final.relative_to(self.root).as_posix(), digest) for final, digest in self.staged]
+        self.staged.clear()
+        return out
+
+    def publish(self, staged: Sequence[tuple[str, str]]) -> list[str]:
+        """Make the files a staging writer sealed into shards: their ledger entries first (one
+        durable append), then the renames (store.ledger says why this order is crash-safe).
+
+        A file whose final name already exists is not published (a finished shard is never
+        rewritten): its sealed copy is removed. Returns the relative paths published. A sealed
+        file this process cannot see is a one-line WarehouseError: the staging writer wrote
+        somewhere else (a directory not shared by every node).
+        """
+        if self.ledger is None:
+            raise ValueError("a staging writer cannot publish: the writer holding the lock does")
+        items: list[tuple[Path, str]] = []
+        for rel, digest in staged:
+            final = self.root / rel
+            if (Path(rel).is_absolute() or ".." in Path(rel).parts
+                    or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise WarehouseError(f"refusing to publish {rel!r} (SHA-256 {digest!r}) into {self.root}: "
+                                     "not a file of this warehouse")
+            tmp = partial_path(final)
+            if final.exists():
+                tmp.unlink(missing_ok=True)
+                continue
+            if not tmp.is_file():
+                raise WarehouseError(f"{tmp}: written by a worker but not visible here; --out must be a "
+                                     "directory every node shares")
+            items.append((final, digest))
+        publish(items, self.ledger)
+        return [final.relative_to(self.root).as_posix() for final, _ in items]
 
 
 def _admit(root: Path, manifest: dict[str, Any], *, resume: bool, allow_env_change: bool) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 -- name: compare_depth_profile
 -- description: Models side by side along relative depth (comparison): each model's blocks in
 --   `bins` equal bins of layer / n_layers (bin b: b/bins <= layer/n_layers < (b+1)/bins), and
---   per bin its heads' attention on position 0 from the last position (mean, largest, and the
---   share of heads whose mean is at least `threshold`: Gu et al. 2025's sink share uses 0.3),
---   their DLA and their ablation effect.
+--   per bin its heads' attention on position 0 from the last position (mean over prompts; the
+--   bin's mean, largest, and the share of heads whose mean is at least `threshold`, >=), their
+--   DLA and their ablation effect. Not the sink_share analysis (Gu et al. 2025's definition:
+--   attention averaged over every query position, per prompt, strictly above the threshold);
+--   0.3 is the threshold Gu et al. use.
 -- param: bins INTEGER = 10 | number of equal relative-depth bins (at least 1)
--- param: threshold DOUBLE = 0.3 | mean attention on position 0 that counts a head as a sink
+-- param: threshold DOUBLE = 0.3 | a head whose mean attention on position 0 is at least this (>=) counts as a sink
 -- param: mode VARCHAR {zero,mean} = 'zero' | ablation mode
 -- column: model VARCHAR | the model's label
 -- column: depth_bin INTEGER | floor(layer * bins / n_layers)
@@ -15,7 +17,7 @@
 -- column: n_heads BIGINT | heads in those blocks
 -- column: mean_mass_first DOUBLE | mean over those heads of their mean attention on position 0
 -- column: max_mass_first DOUBLE | the largest head's
--- column: sink_share DOUBLE | fraction of those heads with mean attention on position 0 >= threshold
+-- column: sink_share DOUBLE | fraction of those heads whose mean attention on position 0 (from the last position) is at least the threshold (>=)
 -- column: mean_dla DOUBLE | mean over those heads of their mean DLA
 -- column: max_dla DOUBLE | the largest head's mean DLA
 -- column: mean_logit_diff DOUBLE | mean over the bin's ablated heads of their mean ablation effect (NULL: none ablated)

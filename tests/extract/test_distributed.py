@@ -4,12 +4,18 @@ A Ray run is compared with the local run shard for shard, bit for bit: the same 
 ablation groups are cut from the whole prompt set and the torch thread count is the same (one
 thread per actor, one in the local run). An actor process killed with SIGKILL mid-run is
 restarted by Ray and its task retried: the warehouse still ends complete and identical.
+
+The SHA-256 ledger is written by the driver alone: an actor seals its shards as ``*.partial``
+and returns their digests; the driver appends the entries, then renames (store.ledger). Every
+Ray-written warehouse here has exactly one ledger line per file, each the file's SHA-256, and
+passes ``echowh verify``; the actor's code path, run in this process, never opens the ledger.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +27,18 @@ import numpy as np
 import pytest
 import torch
 
+from extract.ablation import grid_groups
 from extract.config import ExtractConfig
-from extract.run import extract
-from store.schema import ABLATION_DIR, PROMPTS_DIR
+from extract.run import batches, extract
+from store.ledger import Ledger, sha256_file
+from store.schema import ABLATION_DIR, LEDGER_NAME, PROMPTS_DIR, prompt_shard_name
+from store.verify import verify
+from store.warehouse import WarehouseReader, WarehouseWriter
+from tests.store.guards import ledger_untouched
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra; scripts/setup.sh installs it")
 
-from extract.distributed import RayConfig, RayError, extract_ray  # noqa: E402
+from extract.distributed import RayConfig, RayError, Worker, extract_ray  # noqa: E402
 
 WORDS = ("cat", "dog", "extraordinarily", "blue")  # x 2 templates = 8 prompts, 4+ batches of 2
 
@@ -97,6 +108,19 @@ def assert_same_shards(a: Path, b: Path) -> int:
     return n
 
 
+def assert_ledger_exact(root: Path) -> None:
+    """One ledger line per file under a final name (no duplicates, no strays), each that file's
+    SHA-256 computed here; and `echowh verify` passes."""
+    lines = (root / LEDGER_NAME).read_text().splitlines()
+    entries = [line.split("  ", 1) for line in lines]
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.h5"))
+    assert sorted(rel for _, rel in entries) == files
+    for digest, rel in entries:
+        assert sha256_file(root / rel) == digest, rel
+    report = verify(root)
+    assert report.ok, report.lines()
+
+
 def test_ray_run_equals_local_run_shard_for_shard(cluster, local_run, tiny_qwen2_dir, tmp_path):
     out = tmp_path / "ray"
     summary = extract_ray(_cfg(tiny_qwen2_dir, out), RayConfig(workers=2), log=lambda m: None)
@@ -114,6 +138,10 @@ def test_ray_run_equals_local_run_shard_for_shard(cluster, local_run, tiny_qwen2
             assert r["node_id"] and r["actor_id"] and r["hostname"] and r["pid"] > 0
     assert len({r["actor_id"] for r in m["placement"]}) == 2  # both actors got work
     assert m["ray"]["workers"] == 2 and m["ray"]["cpus_per_worker"] == 1
+    # written by the driver: every shard the actors sealed has its one entry (and model.h5)
+    assert_ledger_exact(out)
+    assert len((out / LEDGER_NAME).read_text().splitlines()) == 17
+    assert all("staged" not in r for r in m["placement"])  # digests go to the ledger, not the manifest
 
 
 def test_actor_killed_mid_run_still_gives_a_complete_identical_warehouse(cluster, local_run, tiny_qwen2_dir,
@@ -136,10 +164,13 @@ def test_actor_killed_mid_run_still_gives_a_complete_identical_warehouse(cluster
     # Ray restarted the killed actor (same actor id, a new process) and it finished work
     restarted = [r for r in m["placement"] if r["actor_id"] == killed["actor"] and r["pid"] != killed["pid"]]
     assert restarted, "the killed actor never came back"
-    # no shard written twice (a retried batch writes only what its dead attempt had not); a
-    # shard the dead attempt did write has no placement record, it is on disk all the same
+    # every shard written once: the dead attempt's sealed files were never published (the
+    # retry rewrote them), so each shard is in the one result the driver published it from
     extracted = [i for r in m["placement"] if r["phase"] == "extract" for i in r["written"]]
-    assert len(extracted) == len(set(extracted)) and set(extracted) <= set(range(8))
+    assert sorted(extracted) == list(range(8))
+    # and has one ledger entry, appended by the driver
+    assert_ledger_exact(out)
+    assert len((out / LEDGER_NAME).read_text().splitlines()) == 17
 
 
 def _drop(out: Path, keep: int) -> None:
@@ -159,6 +190,7 @@ def test_resume_across_modes(cluster, local_run, tiny_qwen2_dir, tmp_path):
     assert assert_same_shards(local_run, a) == 16
     m = json.loads((a / "manifest.json").read_text())
     assert m["placement"] and m["timings"]["sessions"] == 2  # the Ray session's record is kept
+    assert_ledger_exact(a)
     # started locally, finished on Ray
     b = tmp_path / "local_then_ray"
     _local(_cfg(tiny_qwen2_dir, b))
@@ -168,6 +200,62 @@ def test_resume_across_modes(cluster, local_run, tiny_qwen2_dir, tmp_path):
     assert assert_same_shards(local_run, b) == 16
     m = json.loads((b / "manifest.json").read_text())
     assert sorted(i for r in m["placement"] for i in r["written"] if r["phase"] == "extract") == [5, 6, 7]
+    assert_ledger_exact(b)
+
+
+def _remove(out: Path, rels: list[str]) -> None:
+    """Shards lost to a run stopped part-way, and the ledger compacted as a resume's start does."""
+    for rel in rels:
+        (out / rel).unlink()
+    Ledger(out).compact()
+
+
+def test_the_actor_seals_and_only_the_driver_records_and_renames(cluster, local_run, tiny_qwen2_dir, tmp_path):
+    """The actor's code path (Worker, in this process so that it can be watched) opens no ledger
+    and names no shard; a kill before the driver publishes loses nothing a resume does not redo;
+    the driver's publish gives the local run's warehouse, verified."""
+    out = tmp_path / "w"
+    shutil.copytree(local_run, out)
+    fp = json.loads((out / "manifest.json").read_text())["fingerprint"]
+    threads = torch.get_num_threads()
+    try:
+        worker = Worker(_cfg(tiny_qwen2_dir, out), fp, 1)  # sets this process's torch threads to 1
+        batch = [p.index for p in batches(worker.prompts, 2)[0]]
+        group = [p.index for p in grid_groups(worker.prompts)[0]]
+        lost = [f"{PROMPTS_DIR}/{prompt_shard_name(i)}" for i in batch]
+        lost_abl = [f"{ABLATION_DIR}/{prompt_shard_name(i)}" for i in group]
+
+        # killed after the actor sealed, before the driver published: partials, no entries
+        _remove(out, lost)
+        with ledger_untouched(out):
+            r = worker.extract_batch(batch)
+        assert sorted(rel for rel, _ in r["staged"]) == sorted(lost) and r["written"] == sorted(batch)
+        for rel, digest in r["staged"]:
+            assert not (out / rel).exists() and sha256_file(out / f"{rel}.partial") == digest
+        problems = {(p.path, p.message.split(" (")[0]) for p in verify(out).problems}
+        assert problems >= {(rel, "missing") for rel in lost} | {(f"{rel}.partial", "a partial write left by a killed run")
+                                                                 for rel in lost}
+        s = _local(_cfg(tiny_qwen2_dir, out, resume=True))  # the resume drops the partials, redoes the batch
+        assert s.n_extracted == len(batch) and not s.failed
+        assert assert_same_shards(local_run, out) == 16
+        assert_ledger_exact(out)
+
+        # the normal course: the actor seals, the driver publishes (extraction, then ablation)
+        _remove(out, lost + lost_abl)
+        driver = WarehouseWriter(out)
+        with ledger_untouched(out):
+            r = worker.extract_batch(batch)
+        assert sorted(driver.publish(r["staged"])) == sorted(lost)
+        with WarehouseReader(out) as stored:
+            targets = {i: int(a["target_id"]) for i, a in stored.iter_prompts()}
+        with ledger_untouched(out):
+            r = worker.ablate_group(group, targets)
+        assert sorted(rel for rel, _ in r["staged"]) == sorted(lost_abl) and r["written"] == sorted(group)
+        assert sorted(driver.publish(r["staged"])) == sorted(lost_abl)
+    finally:
+        torch.set_num_threads(threads)
+    assert assert_same_shards(local_run, out) == 16
+    assert_ledger_exact(out)
 
 
 def test_bad_settings_are_one_line_errors(tiny_qwen2_dir, tmp_path):

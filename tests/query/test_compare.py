@@ -17,7 +17,9 @@ from polars.testing import assert_frame_equal
 from extract.config import ExtractConfig
 from extract.run import extract
 from query import VIEWS, Comparison, QueryError, Warehouse, list_analyses, parse_warehouse_arg
+from query.analyses import is_comparison
 from query.compare import WarehouseArg, assign_labels
+from query.export import export_parquet
 from store import A, F, Role, WarehouseReader
 from store.schema import ABLATION_DIR, MANIFEST_NAME
 
@@ -302,3 +304,76 @@ def test_mixed_schema_versions_are_refused(pair, tmp_path) -> None:
         Comparison([pair["qwen"], old])
     msg = str(e.value)
     assert "\n" not in msg and "different schema versions" in msg and str(old) in msg and str(pair["qwen"]) in msg
+
+
+# -- Parquet exports in a comparison ------------------------------------------------------------
+COMPARE_PARAMS = {"compare_top_heads": {"top": 3}, "compare_depth_profile": {"bins": 2, "threshold": 0.2}}
+PLAIN_SQL = ("SELECT model, template_index, count(*) AS n, avg(echo_correct::INT) AS acc, min(word) AS w "
+             "FROM prompts GROUP BY ALL ORDER BY ALL")
+
+
+@pytest.fixture(scope="module")
+def exports(pair, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cmp_export")
+    return {label: Path(export_parquet(path, root / f"{label}.parquet", progress=False).path)
+            for label, path in pair.items()}
+
+
+def _rows(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows in a fixed order (by every scalar column), for frames whose order SQL leaves open."""
+    keys = [c for c, t in df.schema.items() if not isinstance(t, pl.Array | pl.List)]
+    return df.sort(keys, nulls_last=True) if keys and df.height else df
+
+
+@pytest.mark.parametrize("form", ["two exports", "an export and an HDF5 warehouse"])
+def test_comparing_exports_gives_the_same_rows(cmp, pair, exports, form) -> None:
+    """`-w qwen=EXPORT -w llama=EXPORT` (or one export, one HDF5 warehouse) is `-w qwen=DIR -w llama=DIR`:
+    every view with its model column, the per-model schemas, a plain SELECT, every compare_*."""
+    llama = exports["llama"] if form == "two exports" else pair["llama"]
+    with Comparison([("qwen", exports["qwen"]), ("llama", llama)]) as c:
+        assert c.labels == cmp.labels
+        for v in VIEWS:
+            got, want = (_rows(w.sql(f"SELECT * FROM {v.name}")) for w in (c, cmp))
+            assert got.schema == want.schema and got.equals(want), v.name
+        assert c.sql(PLAIN_SQL).equals(cmp.sql(PLAIN_SQL)) and c.sql(PLAIN_SQL).height == 4
+        assert c.sql('SELECT * FROM "llama".emergence ORDER BY prompt').equals(
+            cmp.sql('SELECT * FROM "llama".emergence ORDER BY prompt'))
+        assert c.sql("SELECT model, d_model FROM models ORDER BY model").rows() == [("llama", 64), ("qwen", 96)]
+        for a in list_analyses():
+            if not is_comparison(a):
+                continue
+            params = COMPARE_PARAMS.get(a.name, {})
+            got, want = c.run_analysis(a.name, **params), cmp.run_analysis(a.name, **params)
+            assert want.height > 0, a.name
+            # exact but for the last bits of DuckDB's parallel float sums
+            assert_frame_equal(_rows(got), _rows(want), check_exact=False, rtol=1e-12, atol=1e-12), a.name
+
+
+def test_exports_keep_default_labels_and_compare_alone(pair, exports) -> None:
+    with Comparison([exports["qwen"], exports["llama"]]) as c, Comparison([pair["qwen"], pair["llama"]]) as h:
+        assert c.labels == h.labels and c.labels[0].startswith("tiny-qwen2")
+        assert c.sql("SELECT model FROM models ORDER BY model").equals(h.sql("SELECT model FROM models ORDER BY model"))
+        assert c.bytes_read == 0  # Parquet scans are not HDF5 reads
+    with Comparison([("mine", exports["qwen"])]) as c, Comparison([("mine", pair["qwen"])]) as h:
+        assert_frame_equal(c.run_analysis("compare_emergence"), h.run_analysis("compare_emergence"),
+                           check_exact=False, rtol=1e-12, atol=1e-12)
+        assert c.sql("SELECT model FROM models").rows() == [("mine",)]
+    with Warehouse(exports["qwen"], label="mine") as wh:  # one export, a given label: the models view says it
+        assert wh.sql("SELECT model FROM models").rows() == [("mine",)]
+
+
+def test_cli_compares_exports_like_warehouses(pair, exports) -> None:
+    from click.testing import CliRunner
+
+    from echowh.cli import main
+
+    def run(*args: str) -> str:
+        r = CliRunner().invoke(main, ["query", *args, "--format", "csv"])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    on_exports = ["-w", f"qwen={exports['qwen']}", "-w", f"llama={exports['llama']}"]
+    on_hdf5 = ["-w", f"qwen={pair['qwen']}", "-w", f"llama={pair['llama']}"]
+    for args in (["-a", "compare_echo_accuracy"], ["-a", "compare_echo_words"], [PLAIN_SQL]):
+        out = run(*on_exports, *args)
+        assert out == run(*on_hdf5, *args) and out.count("\n") > 2, args

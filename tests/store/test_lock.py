@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from store import WarehouseError, WarehouseReader, WarehouseWriter
+from store import F, WarehouseError, WarehouseReader, WarehouseWriter
 from store.ledger import Ledger, read_ledger, sha256_file
 from store.lock import current_writer
 from store.schema import LEDGER_NAME, LOCK_NAME
 from store.verify import verify
+from tests.store.guards import ledger_untouched
 from tests.store.synthetic import build
 
 
@@ -83,6 +84,57 @@ def test_ledger_survives_torn_lines_and_is_compacted_on_resume(tmp_path: Path) -
     assert read_ledger(root) == entries  # one entry per existing file: `sha256sum -c` passes
     out = subprocess.run(["sha256sum", "-c", LEDGER_NAME], cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_staged_shards_are_recorded_and_renamed_only_by_publish(tmp_path: Path, monkeypatch) -> None:
+    """A Ray run's split: the actor's staging writer seals ``*.partial`` files and never touches
+    the ledger or a shard's name; the driver's publish appends the entries, then renames."""
+    root = build(tmp_path / "w", ("cat", "dog"))
+    before = (root / LEDGER_NAME).read_bytes()
+    actor = WarehouseWriter(root, staging=True)
+    assert actor.ledger is None
+    with ledger_untouched(root):
+        for i in (5, 6):
+            with actor.shard_writer(i) as s:
+                s.put(F.INPUT_IDS, [1, 2, i])
+    staged = actor.take_staged()
+    assert [rel for rel, _ in staged] == ["prompts/p00005.h5", "prompts/p00006.h5"] and actor.take_staged() == []
+    for rel, digest in staged:
+        assert not (root / rel).exists() and sha256_file(root / f"{rel}.partial") == digest
+    with pytest.raises(ValueError, match="cannot publish"):
+        actor.publish(staged)
+
+    driver = WarehouseWriter(root)
+    events: list[object] = []
+    record, replace = Ledger.record_many, os.replace
+    monkeypatch.setattr(Ledger, "record_many",
+                        lambda self, e: (events.append([Path(f).name for f, _ in e]), record(self, e))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(Path(b).name), replace(a, b))[1])
+    assert driver.publish(staged) == ["prompts/p00005.h5", "prompts/p00006.h5"]
+    monkeypatch.undo()
+    assert events == [["p00005.h5", "p00006.h5"], "p00005.h5", "p00006.h5"]  # entries first, in one append
+    assert (root / LEDGER_NAME).read_bytes() == before + "".join(f"{d}  {r}\n" for r, d in staged).encode()
+    for rel, digest in staged:
+        assert sha256_file(root / rel) == digest and not (root / f"{rel}.partial").exists()
+
+    # a second copy of a finished shard is dropped, never published over it
+    with actor.shard_writer(5) as s:
+        s.put(F.INPUT_IDS, [9, 9])
+    assert driver.publish(actor.take_staged()) == []
+    assert sha256_file(root / staged[0][0]) == staged[0][1] and not (root / "prompts/p00005.h5.partial").exists()
+    assert (root / LEDGER_NAME).read_bytes().count(b"p00005.h5") == 1
+    # a sealed file the driver cannot see (a directory not shared), a path outside the warehouse
+    with pytest.raises(WarehouseError, match=r"p00007.h5.partial: written by a worker but not visible here"):
+        driver.publish([("prompts/p00007.h5", "0" * 64)])
+    with pytest.raises(WarehouseError, match="not a file of this warehouse"):
+        driver.publish([("../elsewhere.h5", "0" * 64)])
+    # killed between sealing and publishing: a resume drops the partial, no entry was written
+    with actor.shard_writer(7) as s:
+        s.put(F.INPUT_IDS, [7])
+    assert "partial write left by a killed run" in " ".join(verify(root).lines())
+    m = WarehouseReader(root).manifest
+    WarehouseWriter.create(root, {**m, "status": "running"}, resume=True).close()
+    assert not list(root.rglob("*.partial")) and "prompts/p00007.h5" not in (read_ledger(root) or {})
 
 
 def test_resume_in_another_environment(tmp_path: Path) -> None:
