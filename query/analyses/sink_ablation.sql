@@ -3,8 +3,9 @@
 --   layer at once), from --ablation sink / sink_norenorm: sink renormalises the head's weights over
 --   the other keys (a head with weight ~1 on position 0 then puts ~1 on whatever else it saw),
 --   sink_norenorm only removes position 0's value contribution. Beside the head's attention and
---   output-norm share from position 0 at the last position. top1_changed here is a fraction over
---   prompts (0 to 1), not the ablation view's per-prompt BOOLEAN of the same name.
+--   output-norm share from position 0 at the last position. Every effect is against the ablation
+--   engine's clean run (the ablation view's clean_* columns). top1_changed here is a fraction over
+--   prompts (0 to 1) of the ablation view's per-prompt BOOLEAN of the same name.
 -- param: mode VARCHAR {sink,sink_norenorm} = 'sink' | which removal
 -- column: layer INTEGER | block index
 -- column: head INTEGER | head index (NULL: every head of the layer at once)
@@ -14,10 +15,10 @@
 -- column: mean_logit_diff DOUBLE | mean clean minus ablated target logit
 -- column: max_abs_logit_diff DOUBLE | largest |logit_diff| over prompts
 -- column: mean_kl DOUBLE | mean KL(clean || ablated), nats
--- column: top1_changed DOUBLE | fraction (0 to 1) of the n_prompts prompts whose top-1 token under the ablation differs from the prompt's own top-1 (prompts.top1_id); the ablation view's top1_changed is one prompt's BOOLEAN against clean_top1_id
+-- column: top1_changed DOUBLE | fraction (0 to 1) of the n_prompts prompts whose top-1 token under the ablation differs from the engine's clean top-1 (the mean of the ablation view's BOOLEAN top1_changed)
 WITH ab AS (
-    SELECT a.prompt, a.layer, a.head, a.logit_diff, a.kl, a.top1_id <> p.top1_id AS changed
-    FROM ablation a JOIN prompts p ON p.prompt = a.prompt
+    SELECT a.prompt, a.layer, a.head, a.logit_diff, a.kl, a.top1_changed AS changed
+    FROM ablation a
     WHERE a.mode = $mode AND a.unit_kind IN ('head', 'all_heads')
 ),
 fs AS (
