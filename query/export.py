@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from query.errors import QueryError
 from query.heavy import HeavyReader
-from query.light import LIGHT, _ablation_shard, table
+from query.light import LIGHT, ablation_shard_columns, table
 from query.shards import Shards
 from query.views import VIEWS, View, arrow_schema, polars_schema
 
@@ -221,7 +221,7 @@ def _prompt_rows(s: Shards, v: View, p: int, heavy: HeavyReader | None, ablated:
         if not ablated:
             return schema.empty_table()
         with s.reading(p):
-            return table(v, s.d_model, _ablation_shard(s, p, v.name == "ablation_topk"))
+            return table(v, s.d_model, ablation_shard_columns(s, p, v.name == "ablation_topk"))
     if not has_shard:
         return schema.empty_table()
     if heavy is not None:

@@ -148,8 +148,14 @@ def _dla(s: Shards) -> pa.Table:
     return table(VIEW_BY_NAME["dla"], s.d_model, cols)
 
 
-def _ablation_shard(s: Shards, p: int, topk: bool) -> dict[str, Any]:
-    """One ablation shard's grid (M, L', U[, K]) as long columns."""
+def ablation_shard_columns(s: Shards, p: int, topk: bool) -> dict[str, Any]:
+    """Prompt ``p``'s ablation shard, its grid (M, L', U[, K]) as long columns by name.
+
+    The columns are the ``ablation_topk`` view's when ``topk``, else the ``ablation`` view's;
+    :func:`table` turns them into that view's Arrow table. The sink modes' unit H+1 (nothing
+    removed) is dropped. Read failures are the caller's to wrap (``s.reading``). Used by the
+    ``ablation`` views here and by ``query.export``, which exports one prompt at a time.
+    """
     f = s.r.shard(p, ABLATION_DIR)
     modes = _attr_list(f.attrs.get("modes", []))
     layers = np.asarray(f.attrs.get("layers", []), dtype=np.int64)
@@ -195,7 +201,7 @@ def _ablation(s: Shards, topk: bool) -> pa.Table:
     parts: dict[str, list] = {}
     for p in s.r.ablation_indices():
         with s.reading(p, ABLATION_DIR):
-            cols = _ablation_shard(s, p, topk)
+            cols = ablation_shard_columns(s, p, topk)
         for k, v in cols.items():
             parts.setdefault(k, []).append(v if isinstance(v, np.ndarray) else list(v))
     if not parts:

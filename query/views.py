@@ -137,6 +137,9 @@ def _vec(doc: str) -> Column:
 
 
 _TOKEN_AXIS = Axis("position", role="role")
+# Per block and token position (attn_out, mlp_out, head_out_all): the columns, and the dataset's leading axes.
+_BLOCK_POSITION = (PROMPT, BLOCK, POSITION, ROLE)
+_BLOCK_POSITION_AXES = (Axis("layer"), _TOKEN_AXIS)
 
 VIEWS: tuple[View, ...] = (
     View("prompts", "one row per prompt: its word, template, target token and the model's answer", _cols(
@@ -260,18 +263,18 @@ FROM logit_lens GROUP BY prompt""",
         POSITION, ROLE.doc_as("role of the position (4 = last)"), _vec("the residual vector"),
     ), heavy=Heavy(F.RESID, (Axis("boundary", minus_one="layer"), _TOKEN_AXIS), "vec")),
     View("attn_out", "attention block outputs, every layer and position", _cols(
-        PROMPT, BLOCK, POSITION, ROLE, _vec("attention block output"),
-    ), heavy=Heavy(F.ATTN_OUT, (Axis("layer"), _TOKEN_AXIS), "vec")),
+        *_BLOCK_POSITION, _vec("attention block output"),
+    ), heavy=Heavy(F.ATTN_OUT, _BLOCK_POSITION_AXES, "vec")),
     View("mlp_out", "MLP block outputs, every layer and position", _cols(
-        PROMPT, BLOCK, POSITION, ROLE, _vec("MLP block output"),
-    ), heavy=Heavy(F.MLP_OUT, (Axis("layer"), _TOKEN_AXIS), "vec")),
+        *_BLOCK_POSITION, _vec("MLP block output"),
+    ), heavy=Heavy(F.MLP_OUT, _BLOCK_POSITION_AXES, "vec")),
     View("head_out", "per-head outputs at the last position", _cols(
         PROMPT, BLOCK, HEAD, _vec("the head's output (its o_proj input slice times its W_O slice)"),
     ), heavy=Heavy(F.HEAD_OUT, (Axis("layer"), Axis("head")), "vec")),
     View("head_out_all", "per-head outputs at every position; empty unless extracted with "
          "--head-out-all-positions", _cols(
-        PROMPT, BLOCK, POSITION, ROLE, HEAD, _vec("the head's output at that position"),
-    ), heavy=Heavy(F.HEAD_OUT_ALL, (Axis("layer"), _TOKEN_AXIS, Axis("head")), "vec", optional=True)),
+        *_BLOCK_POSITION, HEAD, _vec("the head's output at that position"),
+    ), heavy=Heavy(F.HEAD_OUT_ALL, (*_BLOCK_POSITION_AXES, Axis("head")), "vec", optional=True)),
     View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos)", _cols(
         PROMPT, BLOCK, HEAD,
         Column("query_pos", "INTEGER", "query position"),

@@ -15,7 +15,7 @@ import altair as alt
 import polars as pl
 
 from query import Comparison, WarehouseArg
-from reports.report import Report, ReportError, Section, build, render_html
+from reports.report import Report, ReportError, Section, build, render_html, write_html
 
 WIDTH = 560
 SINK_THRESHOLD = 0.3  # Gu et al. 2025: a head is a sink when its mean attention to position 0 exceeds 0.3
@@ -239,15 +239,4 @@ def write_comparison(warehouses: Sequence[WarehouseArg | Path | str], out: Path 
                      words: tuple[str, ...] = ("cat", "dog"), title: str | None = None,
                      per_model: bool = True) -> Path:
     """Build and write the comparison report (under a temporary name, then renamed)."""
-    text = render_html(build_comparison(warehouses, words, title, per_model))
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as e:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise ReportError(f"cannot write {out}: {e.strerror or e}") from None
-    return out
+    return write_html(render_html(build_comparison(warehouses, words, title, per_model)), out)

@@ -19,7 +19,7 @@ from query import Warehouse
 from reports.model import Report, ReportError, Section, visible
 from reports.sections import SECTIONS, Ctx, ablation_info
 
-__all__ = ["Report", "ReportError", "Section", "build", "render_html", "visible", "write_report"]
+__all__ = ["Report", "ReportError", "Section", "build", "render_html", "visible", "write_html", "write_report"]
 
 
 def _fmt(v: Any) -> str:
@@ -126,9 +126,13 @@ def render_html(report: Report) -> str:
 def write_report(warehouse: Path | str, out: Path | str, words: tuple[str, ...] = ("cat", "dog"),
                  title: str | None = None) -> Path:
     """Build and write the report; the file is written under a temporary name and renamed."""
-    report = build(warehouse, words, title)
+    return write_html(render_html(build(warehouse, words, title)), out)
+
+
+def write_html(text: str, out: Path | str) -> Path:
+    """Write a rendered report to ``out`` under a temporary name, then rename it over ``out``:
+    the file is whole or absent. Creates the parent directory; failures are a ReportError."""
     out = Path(out)
-    text = render_html(report)
     tmp = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The HDF5 warehouse: schema, crash-safe writer, read-only reader (numpy + h5py only)."""
 
 from store.errors import WarehouseError
+from store.reader import WarehouseReader
 from store.schema import (
     INVARIANTS,
     SCHEMA_VERSION,
@@ -13,7 +14,6 @@ from store.schema import (
 )
 from store.shard import ShardWriter
 from store.warehouse import (
-    WarehouseReader,
     WarehouseWriter,
     validation_array,
     write_json_atomic,

@@ -24,6 +24,7 @@ from store.checks import Expect, Kind, check_shard, text
 from store.errors import WarehouseError, first_line
 from store.ledger import read_ledger, sha256_file
 from store.lock import current_writer
+from store.reader import load_manifest
 from store.schema import (
     ABLATION_DIR,
     INVARIANTS,
@@ -39,7 +40,6 @@ from store.schema import (
     F,
     prompt_shard_name,
 )
-from store.warehouse import load_manifest
 
 _SHARD = re.compile(r"^p(\d{5,})\.h5$")
 TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR}
