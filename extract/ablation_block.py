@@ -97,18 +97,22 @@ def _far(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.
 
 
 def _softmax(scores: torch.Tensor, key0: str | None) -> torch.Tensor:
-    """float32 softmax over the last axis (keys by absolute position, key 0 first); see attend."""
+    """float32 softmax over the last axis (keys by absolute position, key 0 first); see attend.
+
+    scores (..., K) -> weights (..., K). The sink variants differ only in where key 0 goes:
+    ``drop`` before the softmax (its score masked), ``zero`` after it (its weight zeroed).
+    """
+    if key0 not in (None, "drop", "zero"):
+        raise ValueError(f"key0 must be 'drop' or 'zero', not {key0!r}")
     if key0 == "drop":
         scores = scores.clone()
         scores[..., 0] = float("-inf")
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (..., K)
+    if key0 == "drop":
         return torch.nan_to_num(p, nan=0.0)  # a query whose only key was 0 attends to nothing
-    p = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if key0 == "zero":
         p = p.clone()
         p[..., 0] = 0.0
-    elif key0 is not None:
-        raise ValueError(f"key0 must be 'drop' or 'zero', not {key0!r}")
     return p
 
 
@@ -167,6 +171,17 @@ def attend(
     return out + p[..., P:].reshape(cq, KV, N, G * S, S) @ v
 
 
+def _contribution(out: torch.Tensor, post, ab: Ablate | None, point: str) -> torch.Tensor:
+    """A sub-block's residual contribution (c, N, S, D): the family's post-norm when it has one
+    (sandwich norms), then the intervention at ``point`` ('a' attention, 'm' MLP)."""
+    if post is not None:
+        out = post(out)
+    if ab is not None:
+        keep, repl = (ab.keep_a, ab.repl_a) if point == "a" else (ab.keep_m, ab.repl_m)
+        out = ab.apply(out, keep, repl)  # (C, N, S, D): broadcasts c == 1 to every config
+    return out
+
+
 def block(
     ad: Adapter,
     m: int,
@@ -212,21 +227,12 @@ def block(
 
     z = core()
     if ab is not None:
-        repl = ab.sink_repl({v: core(v) for v in ab.key0}) if ab.key0 else ab.repl_z
-        z = ab.apply(z, ab.keep_z, repl)  # broadcasts c == 1 to every config
-    attn_out = ad.o_proj(m)(z)
-    post = ad.post_attn(m)
-    if post is not None:
-        attn_out = post(attn_out)
-    if ab is not None:
-        attn_out = ab.apply(attn_out, ab.keep_a, ab.repl_a)
+        # One attention core per sink variant the configs use ('drop', 'zero'): (c', N, S, H*hd)
+        repl = ab.sink_repl({name: core(name) for name in ab.key0}) if ab.key0 else ab.repl_z
+        z = ab.apply(z, ab.keep_z, repl)  # (C, N, S, H*hd): broadcasts c == 1 to every config
+    attn_out = _contribution(ad.o_proj(m)(z), ad.post_attn(m), ab, "a")  # (C, N, S, D)
     h = h + attn_out
-    mlp_out = ad.layers[m].mlp(ad.norm_mlp(m)(h))
-    post = ad.post_mlp(m)
-    if post is not None:
-        mlp_out = post(mlp_out)
-    if ab is not None:
-        mlp_out = ab.apply(mlp_out, ab.keep_m, ab.repl_m)
+    mlp_out = _contribution(ad.layers[m].mlp(ad.norm_mlp(m)(h)), ad.post_mlp(m), ab, "m")  # (C, N, S, D)
     h = h + mlp_out
     if record:
         return BlockOut(h, k, v, z, attn_out, mlp_out)

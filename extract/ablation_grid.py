@@ -60,7 +60,8 @@ class _Group:
     keys: list[list[int]]  # per prompt: mean key per position
 
 
-def _chunks(items: list, size: int) -> list[list]:
+def chunks(items: list, size: int) -> list[list]:
+    """``items`` in order, cut into lists of at most ``size`` (at least 1)."""
     size = max(1, size)
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -75,6 +76,29 @@ def _pad_ids(prompts: Sequence[Prompt], P: int, dev) -> tuple[torch.Tensor, torc
     return ids, last
 
 
+def _clean_blocks(ad: Adapter, h: torch.Tensor, rope, start: int, dev,
+                  sh_k: list[torch.Tensor] | None = None, sh_v: list[torch.Tensor] | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Every block, clean, on h (1, N, S, D) at absolute positions start..start+S-1.
+
+    sh_k/sh_v: per layer (1, KV, start, hd) clean keys/values of positions 0..start-1 (None:
+    start == 0). Returns the residuals [(1, N, S, D)] x (L+1) (embedding first) and each
+    block's keys and values [(1, KV, N, S, hd)] x L.
+    """
+    S = h.shape[2]
+    hs, ks, vs = [h], [], []
+    for m in range(ad.arch.n_layers):
+        cos, sin = rope[m]
+        o = block(ad, m, h, cos[None, start : start + S], sin[None, start : start + S],
+                  _arange(start, start + S, dev),
+                  sh_k=None if sh_k is None else sh_k[m], sh_v=None if sh_v is None else sh_v[m])
+        h = o.h
+        hs.append(h)
+        ks.append(o.k)
+        vs.append(o.v)
+    return hs, ks, vs
+
+
 @torch.no_grad()
 def _clean_group(ad: Adapter, prompts: list[Prompt], keys: list[list[int]], rope) -> _Group:
     """Clean prefix once, then every prompt's own positions against its keys and values."""
@@ -82,38 +106,29 @@ def _clean_group(ad: Adapter, prompts: list[Prompt], keys: list[list[int]], rope
     L = a.n_layers
     dev = ad.lm_head.weight.device
     P = shared_prefix(prompts, keys)
-    pre_resid, pre_k, pre_v = [], [], []
+    pre_resid: list[torch.Tensor] = []  # per boundary (P, D)
+    pre_k: list[torch.Tensor] = []  # per layer (1, KV, P, hd)
+    pre_v: list[torch.Tensor] = []
     if P:
         h = ad.embed(torch.tensor([prompts[0].input_ids[:P]], device=dev))[None]  # (1, 1, P, D)
-        pre_resid.append(h[0, 0])
-        for m in range(L):
-            cos, sin = rope[m]
-            o = block(ad, m, h, cos[None, :P], sin[None, :P], _arange(0, P, dev))
-            h = o.h
-            pre_resid.append(h[0, 0])
-            pre_k.append(o.k[:, :, 0])
-            pre_v.append(o.v[:, :, 0])
+        hs, ks, vs = _clean_blocks(ad, h, rope, 0, dev)
+        pre_resid = [x[0, 0] for x in hs]
+        pre_k = [k[:, :, 0] for k in ks]
+        pre_v = [v[:, :, 0] for v in vs]
     suf_resid: list[torch.Tensor] = []
     suf_k: list[torch.Tensor] = []
     suf_v: list[torch.Tensor] = []
     logits = []
     S_max = max(p.n_tokens for p in prompts) - P
-    for chunk in _chunks(prompts, sizes(ad).rows_per_pass // max(1, S_max)):
+    for chunk in chunks(prompts, sizes(ad).rows_per_pass // max(1, S_max)):
         ids, last = _pad_ids(chunk, P, dev)
         N, S = ids.shape
-        h = ad.embed(ids)[None]  # (1, N, S, D)
-        rs, ks, vs = [h[0]], [], []
-        for m in range(L):
-            cos, sin = rope[m]
-            o = block(ad, m, h, cos[None, P : P + S], sin[None, P : P + S], _arange(P, P + S, dev),
-                      sh_k=pre_k[m] if P else None, sh_v=pre_v[m] if P else None)
-            h = o.h
-            rs.append(h[0])
-            ks.append(o.k[0])
-            vs.append(o.v[0])
-        r = torch.stack(rs, 1)  # (N, L+1, S, D)
-        kk = torch.stack(ks, 1)  # (KV, L, N, S, hd)
-        vv = torch.stack(vs, 1)
+        hs, ks, vs = _clean_blocks(ad, ad.embed(ids)[None], rope, P, dev,  # from (1, N, S, D)
+                                   pre_k if P else None, pre_v if P else None)
+        h = hs[-1]  # (1, N, S, D)
+        r = torch.stack([x[0] for x in hs], 1)  # (N, L+1, S, D)
+        kk = torch.stack([k[0] for k in ks], 1)  # (KV, L, N, S, hd)
+        vv = torch.stack([v[0] for v in vs], 1)
         for i, p in enumerate(chunk):
             s = p.n_tokens - P
             suf_resid.append(r[i, :, :s].clone())
@@ -204,20 +219,41 @@ def _ablate(keeps, means: Means | None, tpl: int, m: int, key_idx: torch.Tensor,
                   repl(keep_m, means.mlp), sel=sel, key0=k0)
 
 
+def _setup(ad: Adapter, g: _Group, spec: GridSpec) -> tuple:
+    """What both schedules start from: device, dtype, the keeps of _keeps, C, the template."""
+    dev = ad.lm_head.weight.device
+    dt = ad.lm_head.weight.dtype
+    keeps = _keeps(ad, spec, dev, dt)
+    return dev, dt, keeps, keeps[0].shape[0], g.prompts[0].template_index
+
+
+def _clean_kv(g: _Group, chunk: list[int], m: int, ctx: int, dt, dev) -> list[torch.Tensor]:
+    """Block m's clean keys and values [(B, KV, ctx, hd)] x 2 of the chunk's prompts at their
+    positions before the last (shared prefix, then their own), right-padded with zeros."""
+    KV, hd = g.suf_k[chunk[0]].shape[1], g.suf_k[chunk[0]].shape[3]
+    P = g.P
+    out = []
+    for pre, suf in ((g.pre_k, g.suf_k), (g.pre_v, g.suf_v)):
+        x = torch.zeros(len(chunk), KV, ctx, hd, dtype=dt, device=dev)  # (B, KV, ctx, hd)
+        for j, i in enumerate(chunk):
+            s = g.prompts[i].n_tokens - P - 1  # own clean positions before the last
+            if P:
+                x[j, :, :P] = pre[m][0]
+            x[j, :, P : P + s] = suf[i][m, :, :s]
+        out.append(x)
+    return out
+
+
 def _all_positions(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, rope,
                    sink: Callable[[int, int, torch.Tensor], None], tick: Callable[[int], None]) -> None:
     """Every (layer, config) with the unit removed at every position; calls sink(i, li, logits)."""
     a = ad.arch
     L, D = a.n_layers, a.d_model
-    dev = ad.lm_head.weight.device
-    dt = ad.lm_head.weight.dtype
-    keeps = _keeps(ad, spec, dev, dt)
-    C = keeps[0].shape[0]
+    dev, dt, keeps, C, tpl = _setup(ad, g, spec)
     P = g.P
-    tpl = g.prompts[0].template_index
     order = sorted(range(len(g.prompts)), key=lambda i: g.prompts[i].n_tokens)  # little padding
     S_max = max(p.n_tokens for p in g.prompts) - P
-    chunks = _chunks(order, sizes(ad).rows_per_pass // (C * S_max))
+    batches = chunks(order, sizes(ad).rows_per_pass // (C * S_max))
     pre_keys = torch.tensor(g.keys[0][:P], dtype=torch.long, device=dev)[None]  # (1, P)
     for li, lay in enumerate(spec.layers):
         pk: list[torch.Tensor | None] = [None] * L
@@ -232,7 +268,7 @@ def _all_positions(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
                           kv_only=m == L - 1)
                 pk[m], pv[m] = o.k[:, :, 0], o.v[:, :, 0]  # (c, KV, P, hd)
                 h = o.h
-        for chunk in chunks:
+        for chunk in batches:
             ps = [g.prompts[i] for i in chunk]
             N = len(ps)
             S = max(p.n_tokens for p in ps) - P
@@ -260,15 +296,10 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
                    sink: Callable[[int, int, torch.Tensor], None], tick: Callable[[int], None]) -> None:
     """Every (layer, config) with the unit removed at the last position only: one wavefront."""
     a = ad.arch
-    L, D, KV, hd = a.n_layers, a.d_model, a.n_kv_heads, a.head_dim
-    dev = ad.lm_head.weight.device
-    dt = ad.lm_head.weight.dtype
-    keeps = _keeps(ad, spec, dev, dt)
-    C = keeps[0].shape[0]
-    P = g.P
-    tpl = g.prompts[0].template_index
+    L, D = a.n_layers, a.d_model
+    dev, dt, keeps, C, tpl = _setup(ad, g, spec)
     starts = set(spec.layers)
-    for chunk in _chunks(list(range(len(g.prompts))), sizes(ad).wave_prompts):
+    for chunk in chunks(list(range(len(g.prompts))), sizes(ad).wave_prompts):
         ps = [g.prompts[i] for i in chunk]
         B = len(ps)
         ctx = max(p.n_tokens for p in ps) - 1  # clean keys before the last position
@@ -288,15 +319,7 @@ def _last_position(ad: Adapter, g: _Group, spec: GridSpec, means: Means | None, 
                 h = torch.cat([h, new], 1)
                 ab = _ablate(keeps, means, tpl, m, kidx, (1, C, 1, -1),
                              sel=(slice(None), slice(h.shape[1] - C, None)))
-            sk = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
-            sv = torch.zeros(B, KV, ctx, hd, dtype=dt, device=dev)
-            for j, i in enumerate(chunk):
-                s = ps[j].n_tokens - P - 1  # own clean positions before the last
-                if P:
-                    sk[j, :, :P] = g.pre_k[m][0]
-                    sv[j, :, :P] = g.pre_v[m][0]
-                sk[j, :, P : P + s] = g.suf_k[i][m, :, :s]
-                sv[j, :, P : P + s] = g.suf_v[i][m, :, :s]
+            sk, sv = _clean_kv(g, chunk, m, ctx, dt, dev)  # (B, KV, ctx, hd) each
             cos, sin = rope[m]
             h = block(ad, m, h, cos[pos][:, None], sin[pos][:, None], pos[:, None],  # (B, 1, rd)
                       sh_k=sk, sh_v=sv, sh_mask=mask, ab=ab).h
@@ -319,7 +342,7 @@ def grid_groups(prompts: Sequence[Prompt]) -> list[list[Prompt]]:
     by_tpl: dict[int, list[Prompt]] = {}
     for p in prompts:
         by_tpl.setdefault(p.template_index, []).append(p)
-    return [g for tpl in sorted(by_tpl) for g in _chunks(by_tpl[tpl], GROUP_PROMPTS)]
+    return [g for tpl in sorted(by_tpl) for g in chunks(by_tpl[tpl], GROUP_PROMPTS)]
 
 
 def iter_grid(ad: Adapter, prompts: Sequence[Prompt], spec: GridSpec, means: Means | None, *,

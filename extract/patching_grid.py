@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from extract.ablation_block import Ablate, block
+from extract.ablation_grid import chunks
 from extract.families import Adapter
 from store.schema import PatchKind as K
 
@@ -70,6 +71,11 @@ class Rec:
     logits: torch.Tensor  # (V,) float32 at the last position
 
 
+def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[(1, 1, T, X)] x n -> (n, T, X): one prompt's per-layer tensors stacked."""
+    return torch.stack([x[0, 0] for x in xs])
+
+
 def record(ad: Adapter, ids: Sequence[int], rope, *, grad: bool = False,
            ld: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[Rec, dict[str, torch.Tensor] | None]:
     """Clean run of one prompt; with ``grad`` also d ld(logits)/d(every patch point)."""
@@ -98,19 +104,22 @@ def record(ad: Adapter, ids: Sequence[int], rope, *, grad: bool = False,
             assert ld is not None
             g = torch.autograd.grad(ld(logits), rs + zs + as_ + ms)
             n = L + 1
-            grads = {"resid": torch.stack([x[0, 0] for x in g[:n]]),  # (L+1, T, D)
-                     "z": torch.stack([x[0, 0] for x in g[n : n + L]]),  # (L, T, H*hd)
-                     "a": torch.stack([x[0, 0] for x in g[n + L : n + 2 * L]]),
-                     "m": torch.stack([x[0, 0] for x in g[n + 2 * L :]])}
-    rec = Rec(torch.stack([x[0, 0] for x in rs]).detach(), [k.detach() for k in ks], [v.detach() for v in vs],
-              torch.stack([x[0, 0] for x in zs]).detach(), torch.stack([x[0, 0] for x in as_]).detach(),
-              torch.stack([x[0, 0] for x in ms]).detach(), logits.detach())
+            grads = {"resid": _stack(g[:n]),  # (L+1, T, D)
+                     "z": _stack(g[n : n + L]),  # (L, T, H*hd)
+                     "a": _stack(g[n + L : n + 2 * L]),  # (L, T, D)
+                     "m": _stack(g[n + 2 * L :])}  # (L, T, D)
+    rec = Rec(_stack(rs).detach(), [k.detach() for k in ks], [v.detach() for v in vs],
+              _stack(zs).detach(), _stack(as_).detach(), _stack(ms).detach(), logits.detach())
     return rec, grads
 
 
-def _chunks(idx: list[int], size: int) -> list[list[int]]:
-    size = max(1, size)
-    return [idx[i : i + size] for i in range(0, len(idx), size)]
+def _point(pt: Patch, hd: int) -> tuple[str, slice]:
+    """Where a patch of a block-internal kind writes: the point ('z' | 'a' | 'm', a field of Rec
+    and a key of the gradients) and the columns there (a head's hd-wide slice, or all)."""
+    if pt.kind in (K.HEAD, K.HEAD_ALL):
+        return "z", slice(pt.head * hd, (pt.head + 1) * hd)
+    assert pt.kind in (K.ATTN, K.MLP), pt.kind
+    return ("a" if pt.kind == K.ATTN else "m"), slice(None)
 
 
 def _joining(ad: Adapter, dst: Rec, src: Rec, pts: list[Patch], m: int, p: int, n_old: int,
@@ -133,17 +142,11 @@ def _joining(ad: Adapter, dst: Rec, src: Rec, pts: list[Patch], m: int, p: int, 
         d = [t - p for t in pt.dst]
         s = list(pt.src)
         if pt.kind in _RESID:
-            h[j, d] = src.resid[m, s]
-        elif pt.kind in (K.HEAD, K.HEAD_ALL):
-            sl = slice(pt.head * hd, (pt.head + 1) * hd)
-            keep["z"][0, j, d, sl] = 0
-            repl["z"][0, j, d, sl] = src.z[m, s, sl]  # type: ignore[index]
-        elif pt.kind == K.ATTN:
-            keep["a"][0, j, d] = 0
-            repl["a"][0, j, d] = src.a[m, s]  # type: ignore[index]
-        elif pt.kind == K.MLP:
-            keep["m"][0, j, d] = 0
-            repl["m"][0, j, d] = src.m[m, s]  # type: ignore[index]
+            h[j, d] = src.resid[m, s]  # (len(d), D)
+        elif pt.kind != K.NOTHING:
+            point, sl = _point(pt, hd)
+            keep[point][0, j, d, sl] = 0
+            repl[point][0, j, d, sl] = getattr(src, point)[m, s, sl]  # type: ignore[index]
     if boundary or not kinds - {K.NOTHING, *_RESID}:
         return h[None], None
     sel = (slice(None), slice(n_old, None))
@@ -200,7 +203,7 @@ def run_patches(ad: Adapter, dst: Rec, src: Rec, patches: Sequence[Patch], rope,
         by_start[pt.start].append(i)
     for p in sorted(by_start):
         idx = sorted(by_start[p], key=lambda i: patches[i].start_layer)
-        for chunk in _chunks(idx, min(MAX_PATCHES, ROWS_PER_PASS // (T - p))):
+        for chunk in chunks(idx, min(MAX_PATCHES, ROWS_PER_PASS // (T - p))):
             lg = _wave(ad, dst, src, [patches[i] for i in chunk], p, rope)
             if out is None:
                 sink(chunk, lg)  # type: ignore[misc]
@@ -220,14 +223,10 @@ def attribute(ad: Adapter, dst: Rec, src: Rec, grads: dict[str, torch.Tensor],
             continue
         d, s, lay = list(pt.dst), list(pt.src), pt.layer
         if pt.kind in _RESID:
-            g, delta = grads["resid"][lay, d], src.resid[lay, s] - dst.resid[lay, d]
-        elif pt.kind == K.ATTN:
-            g, delta = grads["a"][lay, d], src.a[lay, s] - dst.a[lay, d]
-        elif pt.kind == K.MLP:
-            g, delta = grads["m"][lay, d], src.m[lay, s] - dst.m[lay, d]
+            g, delta = grads["resid"][lay, d], src.resid[lay, s] - dst.resid[lay, d]  # (len(d), D)
         else:
-            sl = slice(pt.head * hd, (pt.head + 1) * hd)
-            g, delta = grads["z"][lay, d, sl], src.z[lay, s, sl] - dst.z[lay, d, sl]
+            point, sl = _point(pt, hd)  # (len(d), hd | D)
+            g, delta = grads[point][lay, d, sl], getattr(src, point)[lay, s, sl] - getattr(dst, point)[lay, d, sl]
         out[i] = (g.double() * delta.double()).sum()
     return out
 
