@@ -25,7 +25,7 @@ SELECT pair, direction, kind, layer, from_end,
        count(*) AS n_words,
        avg(recovery) AS mean_recovery,
        avg(ld_change) / avg(ld_gap) AS pooled_recovery,
-       min(abs(ld_gap)) AS min_abs_ld_gap,
+       min(abs(ld_gap))::DOUBLE AS min_abs_ld_gap,
        avg(ld_change) AS mean_ld_change,
        avg(attribution_recovery) AS mean_attribution_recovery,
        avg(kl_source) AS mean_kl_source
