@@ -44,6 +44,7 @@ from query.heavy import HeavyReader
 from query.light import LIGHT, ablation_shard_columns, table
 from query.shards import Shards
 from query.views import VIEWS, View, arrow_schema, polars_schema
+from store.schema import ABLATION_DIR
 
 EXPORT_FILE = "export.json"
 EXPORT_KIND = "echo-warehouse-parquet"
@@ -220,7 +221,7 @@ def _prompt_rows(s: Shards, v: View, p: int, heavy: HeavyReader | None, ablated:
     if v.name in ("ablation", "ablation_topk"):
         if not ablated:
             return schema.empty_table()
-        with s.reading(p):
+        with s.reading(p, ABLATION_DIR):  # a damaged ablation shard is named, not the prompt's
             return table(v, s.d_model, ablation_shard_columns(s, p, v.name == "ablation_topk"))
     if not has_shard:
         return schema.empty_table()

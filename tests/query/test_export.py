@@ -101,6 +101,12 @@ def test_failed_export_leaves_nothing_and_a_stale_partial_is_replaced(tmp_path: 
     with pytest.raises(QueryError, match="p00003.h5"):
         export_parquet(wh, tmp_path / "pq2", progress=False)
     assert not (tmp_path / "pq2").exists() and not (tmp_path / "pq2.partial").exists()
+    build(wh2 := tmp_path / "wh2")
+    abl = wh2 / "ablation" / "p00003.h5"
+    abl.write_bytes(abl.read_bytes()[:200])  # a broken ablation shard is named, not its prompt's shard
+    with pytest.raises(QueryError, match=r"ablation/p00003\.h5"):
+        export_parquet(wh2, tmp_path / "pq3", progress=False)
+    assert not (tmp_path / "pq3").exists() and not (tmp_path / "pq3.partial").exists()
 
 
 PLAIN = r"""
