@@ -31,7 +31,7 @@ INTRO = (
 )
 
 
-def recovery_heatmap(df: pl.DataFrame, title: str) -> alt.Chart:
+def recovery_heatmap(df: pl.DataFrame, title: str, resid: bool = True) -> alt.Chart:
     """patching_recovery_map: layer (y) x position from the end (x), colour = mean recovery."""
     df = df.with_columns((pl.col("from_end").cast(pl.Utf8) + " " + pl.col("token").fill_null("")).alias("position"))
     order = df.sort("from_end", descending=True)["position"].unique(maintain_order=True).to_list()
@@ -39,7 +39,8 @@ def recovery_heatmap(df: pl.DataFrame, title: str) -> alt.Chart:
                                                "mean_attribution_recovery", "pooled_recovery", "n_words").to_dicts()),
                      title=title).mark_rect().encode(
         x=alt.X("position:N", sort=order, title="destination position (tokens before the last · token)"),
-        y=alt.Y("layer:O", sort="descending", title="layer (residual after block; -1 = embeddings)"),
+        y=alt.Y("layer:O", sort="descending",
+                title="layer (residual after block; -1 = embeddings)" if resid else "block (layer) patched"),
         color=alt.Color("mean_recovery:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True),
                         title="recovery"),
         column=alt.Column("direction:N", title="direction"),
@@ -68,8 +69,12 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
     run = wh.run_analysis
     info = wh.sql("SELECT pair, direction, count(*) AS n_words, "
                   "sum(CASE WHEN ld_rule = 'top1' THEN 1 ELSE 0 END) AS n_differ, "
-                  "avg(ld_source) AS ld_source, avg(ld_dest) AS ld_dest FROM patching_pairs "
+                  "min(abs(ld_source - ld_dest)) AS gap_min, median(abs(ld_source - ld_dest)) AS gap_median, "
+                  "max(abs(ld_source - ld_dest)) AS gap_max FROM patching_pairs "
                   "GROUP BY pair, direction ORDER BY pair, direction")
+    # per (pair, direction): the first layer from which the last position alone recovers >= 0.5 for every word
+    every = wh.sql("SELECT pair, direction, layer, min(recovery) AS worst FROM patching "
+                   "WHERE kind = 'resid' AND from_end = 0 GROUP BY pair, direction, layer")
     resid = run("patching_recovery_map", kind="resid")
     attn = run("patching_recovery_map", kind="attn")
     mlp = run("patching_recovery_map", kind="mlp")
@@ -88,8 +93,9 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
         pair, r = row["pair"], row["direction"]
         src, dst = tname(pair, r)
         findings.append(f"Patching {src} into {dst}: the two prompts' top-1 tokens differ for {row['n_differ']} "
-                        f"of {row['n_words']} words (LD: source {row['ld_source']:.2f}, destination "
-                        f"{row['ld_dest']:.2f} on average).")
+                        f"of {row['n_words']} words; the gap |LD source − LD destination| that recovery divides by "
+                        f"is {row['gap_median']:.2f} (median; {row['gap_min']:.2f} to {row['gap_max']:.2f}), where "
+                        "LD's two tokens are each word's own (patching_pairs).")
         m = resid.filter((pl.col("pair") == pair) & (pl.col("direction") == r))
         if m.height:
             best = m.sort("mean_recovery", descending=True).row(0, named=True)
@@ -97,15 +103,22 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
             took = last.filter(pl.col("mean_recovery") >= 0.5)
             early = m.filter((pl.col("from_end") > 0) & (pl.col("mean_recovery") >= 0.5)).sort("layer")
             text = (f"Residual patching ({src} into {dst}): the largest mean recovery is {best['mean_recovery']:.2f} at "
-                    f"layer {best['layer']}, {best['from_end']} positions before the last (token {best['token']!r}).")
+                    f"layer {best['layer']}, {best['from_end']} positions before the last (token {best['token']!r})"
+                    + (" -- above 1: the patched LD overshoots the source's." if best["mean_recovery"] > 1 else "."))
             if early.height:
                 e = early.row(-1, named=True)
-                text += (f" Earlier positions carry the difference up to layer {e['layer']} "
-                         f"(token {e['token']!r}: recovery {e['mean_recovery']:.2f})")
-                text += (f"; the last position carries it from layer {took.row(0, named=True)['layer']} on."
+                text += (f" An earlier position recovers at least half the difference on average (mean recovery "
+                         f"≥ 0.5) up to layer {e['layer']} (token {e['token']!r}: {e['mean_recovery']:.2f})")
+                text += (f"; the last position does from layer {took.row(0, named=True)['layer']} on."
                          if took.height else "; the last position alone never reaches 0.5.")
             elif took.height:
-                text += f" Only the last position reaches recovery 0.5, from layer {took.row(0, named=True)['layer']} on."
+                text += f" Only the last position reaches mean recovery 0.5, from layer {took.row(0, named=True)['layer']} on."
+            ev = every.filter((pl.col("pair") == pair) & (pl.col("direction") == r)).sort("layer")
+            below = ev.filter(pl.col("worst") < 0.5)
+            first_all = (ev.filter(pl.col("layer") > below["layer"].max()) if below.height else ev)["layer"].min()
+            if first_all is not None:
+                text += (f" For every word the last position alone recovers at least 0.5 from layer {first_all} on "
+                         "(the hand-off between the two is gradual where these layers differ).")
             findings.append(text)
         for kind, df in (("attention", attn), ("MLP", mlp)):
             k = df.filter((pl.col("pair") == pair) & (pl.col("direction") == r))
@@ -122,21 +135,30 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
                 both = h.filter(pl.col("ablation_rank") <= 10).height
                 text += (f" {both} of the top {h.height} patching heads are also among the 10 heads whose zero "
                          f"ablation hurts the destination's target most (the best patching head ranks "
-                         f"{top['ablation_rank']} by ablation and {top['dla_rank']} by DLA).")
+                         f"{top['ablation_rank']} by ablation and {top['dla_rank']} by DLA). The two measure different "
+                         "things: ablation removes a head at every position and reads the target logit, patching swaps "
+                         "it at the differing positions only and reads LD.")
             findings.append(text)
     if attr.height:
         by_kind = attr.group_by("kind").agg(pl.col("spearman").mean().alias("rho"),
                                             pl.col("rel_error").median().alias("err")).sort("rho", descending=True)
         parts = ", ".join(f"{k['kind']} ρ = {k['rho']:.2f}" for k in by_kind.iter_rows(named=True) if k["rho"] is not None)
         findings.append(f"Attribution patching vs exact, mean rank correlation over layers: {parts}.")
-        r0 = attr.filter(pl.col("kind") == "resid").sort("layer")
-        if r0.height > 2:
-            lo, hi = r0.head(r0.height // 2)["spearman"].mean(), r0.tail(r0.height // 2)["spearman"].mean()
-            findings.append(f"For the residual stream the approximation is {'worse' if lo < hi else 'not worse'} in the "
-                            f"first half of the layers (mean ρ {lo:.2f}) than in the second ({hi:.2f}).")
+        r0 = attr.filter(pl.col("kind") == "resid")
+        if r0["layer"].n_unique() > 2:
+            mid = (r0["layer"].min() + r0["layer"].max()) / 2
+            lo = r0.filter(pl.col("layer") <= mid)["spearman"].mean()
+            hi = r0.filter(pl.col("layer") > mid)["spearman"].mean()
+            text = (f"For the residual stream the approximation is {'worse' if lo < hi else 'not worse'} in the "
+                    f"first half of the layers (≤ {mid:g}: mean ρ {lo:.2f}) than in the second ({hi:.2f}).")
+            neg = r0.filter(pl.col("pearson") < 0).sort("direction", "layer")
+            if neg.height:
+                text += (f" At {neg.height} (direction, layer) groups its Pearson correlation is negative (worst "
+                         f"{neg['pearson'].min():.2f}): there attribution gets the sign of the exact effects wrong.")
+            findings.append(text)
     charts = [recovery_heatmap(resid, "Residual patching: mean recovery per layer and position (averaged over words)"),
-              recovery_heatmap(attn, "Attention-block patching: mean recovery"),
-              recovery_heatmap(mlp, "MLP-block patching: mean recovery")]
+              recovery_heatmap(attn, "Attention-block patching: mean recovery", resid=False),
+              recovery_heatmap(mlp, "MLP-block patching: mean recovery", resid=False)]
     for w in words:
         one = wh.run_analysis("patching_recovery_map", kind="resid", word=w)
         if one.height:

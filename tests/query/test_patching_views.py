@@ -83,12 +83,13 @@ def test_analyses_against_polars(wh_dir):
     j = m.join(exp, on=["pair", "layer", "from_end"])
     assert j.height == m.height == exp.height
     np.testing.assert_allclose(j["mean_recovery"], j["e"], rtol=1e-6, atol=1e-6)
-    # pooled recovery: mean effect over mean LD gap, the gap from patching_pairs' clean LDs
+    # pooled recovery: each word's recovery weighted by |LD gap|, the gap from patching_pairs' clean LDs
     with Warehouse(wh_dir) as wh:
         pairs = wh.sql("SELECT pair, word, direction, ld_source - ld_dest AS gap FROM patching_pairs")
     pooled = (v.filter((pl.col("kind") == "attn") & (pl.col("direction") == 1)).join(pairs, on=["pair", "word", "direction"])
               .group_by("pair", "layer", "from_end")
-              .agg((pl.col("ld_change").mean() / pl.col("gap").mean()).alias("pooled"), pl.col("gap").abs().min().alias("g")))
+              .agg(((pl.col("recovery") * pl.col("gap").abs()).sum() / pl.col("gap").abs().sum()).alias("pooled"),
+                   pl.col("gap").abs().min().alias("g")))
     jp = m.join(pooled, on=["pair", "layer", "from_end"])
     assert jp.height == m.height
     np.testing.assert_allclose(jp["pooled_recovery"], jp["pooled"], rtol=1e-5, atol=1e-6)
@@ -108,6 +109,15 @@ def test_analyses_against_polars(wh_dir):
                       & (pl.col("direction") == 0))
     assert row["n"][0] == g.height
     np.testing.assert_allclose(row["pearson"][0], np.corrcoef(g["attribution"], g["ld_change"])[0, 1], rtol=1e-4)
+    # Spearman with average ranks for ties, every group (ties are common: exact zeros late on)
+    ranked = (v.filter(pl.col("kind").is_in(["resid", "attn", "mlp", "head", "head_all"]))
+              .with_columns(pl.col("attribution").rank("average").over("pair", "direction", "kind", "layer").alias("ra"),
+                            pl.col("ld_change").rank("average").over("pair", "direction", "kind", "layer").alias("re"))
+              .group_by("pair", "direction", "kind", "layer").agg(pl.corr("ra", "re").alias("rho")))
+    js = attr.join(ranked, on=["pair", "direction", "kind", "layer"])
+    assert js.height == attr.height
+    both = js.filter(pl.col("rho").is_not_nan() & pl.col("spearman").is_not_null())
+    np.testing.assert_allclose(both["spearman"], both["rho"], rtol=1e-6, atol=1e-9)
     err = (v.filter(pl.col("kind").is_in(["resid", "attn", "mlp", "head", "head_all"]))
            .select((pl.col("attribution") - pl.col("ld_change")).abs().max())).item()
     assert abs(abs(worst["error"][0]) - err) < 1e-5
