@@ -44,7 +44,7 @@ source_prompt INTEGER | prompt whose activation is put in
 dest_prompt INTEGER | prompt that is run (metrics are its)
 kind VARCHAR | 'resid', 'attn', 'mlp', 'head' (one position), 'head_all' (every aligned differing position), 'resid_all' (boundary 0, every differing position: check row), 'nothing' (check row)
 boundary INTEGER | residual boundary for resid kinds (0 = embeddings), else NULL
-layer INTEGER | block index; for resid kinds boundary - 1 (-1 = embeddings), as in the resid view
+layer INTEGER | block index; for resid kinds boundary - 1 (-1 = embeddings), as in the resid view; 0 for the 'nothing' check row
 head INTEGER | head for 'head'/'head_all', else NULL
 dst_pos INTEGER | destination position patched (NULL: several at once, head_all and a resid_all of more than one token)
 src_pos INTEGER | aligned source position read (NULL: several)

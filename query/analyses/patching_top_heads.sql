@@ -1,8 +1,12 @@
 -- name: patching_top_heads
--- description: Heads ranked by mean recovery when patched at every differing position
---   (head_all), per pair direction, with their attribution estimate, and beside them the
---   same head's rank by mean DLA and by mean zero-ablation effect on the destination prompts
---   (NULL without ablation data). Do the heads that matter for ablation matter for patching?
+-- description: Heads ranked by mean recovery when patched at every aligned position after the
+--   shared prefix (head_all), per pair direction, with their attribution estimate, and beside
+--   them the same head's rank by mean DLA and by mean zero-ablation effect, both over the
+--   destination prompts and to their target token (NULL without ablation data). Ranks are of the
+--   signed means, descending, over every head of the model (ties share the smallest rank). Do the
+--   heads that matter for ablation matter for patching? (They measure different things: zero
+--   ablation removes the head at every position and reads the target logit; patching swaps it at
+--   the positions after the prefix and reads LD.)
 -- param: direction INTEGER = NULL | 0 (template a into b), 1 (b into a); NULL = both
 -- param: top INTEGER = 10 | heads kept per pair direction
 -- column: pair VARCHAR | template pair 'a-b'
@@ -15,7 +19,7 @@
 -- column: patching_rank BIGINT | rank by mean_recovery within the pair direction (1 = largest)
 -- column: mean_dla DOUBLE | mean DLA of the head to the destination prompts' targets
 -- column: dla_rank BIGINT | rank of mean_dla over every head (1 = largest)
--- column: mean_ablation DOUBLE | mean zero-ablation effect on the destination prompts (clean - ablated target logit)
+-- column: mean_ablation DOUBLE | mean zero-ablation effect on the destination prompts (clean - ablated target logit; the ablation grid's positions, all by default)
 -- column: ablation_rank BIGINT | rank of mean_ablation over every ablated head (1 = largest)
 WITH pat AS (
     SELECT pair, direction, layer, head, count(*) AS n_words, avg(recovery) AS mean_recovery,
