@@ -70,11 +70,12 @@ def compute_overhead(repeats: int) -> dict:
 
     from extract.capture import capture, derive
     from extract.run import batches, prepare
+    from extract.sizing import sizes
 
     cfg = ExtractConfig(ablation=(), progress=False)
     adapter, _, _, _, prompts = prepare(cfg)
     t = {"off": 0.0, "on": 0.0}
-    for b in batches(prompts, cfg.batch_size):
+    for b in batches(prompts, cfg.batch_size or sizes(adapter).extract_batch):  # the extraction's own batches
         ids = torch.tensor([p.input_ids for p in b])
         tgt = [p.input_ids[-1] for p in b]
         best = {"off": float("inf"), "on": float("inf")}
