@@ -67,6 +67,17 @@ def _key(ad: Adapter, pt: Patch) -> tuple:
     return how, pt.layer, id(mod)
 
 
+def _forward(ad: Adapter, ids, pt: Patch | None = None, fn=None) -> float:
+    """Seconds of one full HF forward of ``ids`` (last-position logits), with ``fn`` hooked at
+    ``pt``'s point if given (the hook's registration and removal included)."""
+    t0 = time.perf_counter()
+    h = _hook(ad, pt, fn) if fn is not None else None
+    ad.model(torch.tensor([ids]), logits_to_keep=1)
+    if h is not None:
+        h.remove()
+    return time.perf_counter() - t0
+
+
 @torch.no_grad()
 def naive(ad: Adapter, src_ids, dst_ids, pts: list[Patch]) -> tuple[float, float]:
     """Mean seconds of (one source capture at a hook point, one hooked patched forward)."""
@@ -75,9 +86,7 @@ def naive(ad: Adapter, src_ids, dst_ids, pts: list[Patch]) -> tuple[float, float
     t_cap = t_fwd = 0.0
     for pt in pts:
         if pt.kind == K.NOTHING:
-            t0 = time.perf_counter()
-            ad.model(torch.tensor([dst_ids]), logits_to_keep=1)
-            t_fwd += time.perf_counter() - t0
+            t_fwd += _forward(ad, dst_ids)
             continue
         key = _key(ad, pt)
         if key not in cache:
@@ -87,11 +96,7 @@ def naive(ad: Adapter, src_ids, dst_ids, pts: list[Patch]) -> tuple[float, float
                 got["x"] = x[0].clone()
                 return x
 
-            t0 = time.perf_counter()
-            h = _hook(ad, pt, read)
-            ad.model(torch.tensor([src_ids]), logits_to_keep=1)
-            h.remove()
-            t_cap += time.perf_counter() - t0
+            t_cap += _forward(ad, src_ids, pt, read)
             cache[key] = got["x"]
         s = cache[key]
         sl = slice(pt.head * hd, (pt.head + 1) * hd) if pt.head >= 0 else slice(None)
@@ -102,11 +107,7 @@ def naive(ad: Adapter, src_ids, dst_ids, pts: list[Patch]) -> tuple[float, float
                 x[0, t, sl] = s[j, sl]
             return x
 
-        t0 = time.perf_counter()
-        h = _hook(ad, pt, write)
-        ad.model(torch.tensor([dst_ids]), logits_to_keep=1)
-        h.remove()
-        t_fwd += time.perf_counter() - t0
+        t_fwd += _forward(ad, dst_ids, pt, write)
     return t_cap / max(len(cache), 1), t_fwd / len(pts)
 
 

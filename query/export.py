@@ -45,6 +45,7 @@ from query.light import LIGHT, ablation_shard_columns, table
 from query.shards import Shards
 from query.views import VIEWS, View, arrow_schema, polars_schema
 from store.schema import ABLATION_DIR
+from store.shard import fsync_dir
 
 EXPORT_FILE = "export.json"
 EXPORT_KIND = "echo-warehouse-parquet"
@@ -147,7 +148,7 @@ def export_parquet(warehouse: Path, dest: Path, progress: bool = True) -> Export
             n_prompts = len(wh.shards.prompts)
         size = sum(p.stat().st_size for p in partial.rglob("*.parquet"))
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -232,14 +233,6 @@ def _prompt_rows(s: Shards, v: View, p: int, heavy: HeavyReader | None, ablated:
     one.prompts = np.array([p], dtype=np.int64)
     one._roles = {}
     return LIGHT[v.name](one)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ParquetExport:
