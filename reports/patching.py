@@ -140,8 +140,7 @@ def build(wh: Warehouse, templates: list[str], words: tuple[str, ...]) -> tuple[
                          "it at the differing positions only and reads LD.")
             findings.append(text)
     if attr.height:
-        by_kind = attr.group_by("kind").agg(pl.col("spearman").mean().alias("rho"),
-                                            pl.col("rel_error").median().alias("err")).sort("rho", descending=True)
+        by_kind = attr.group_by("kind").agg(pl.col("spearman").mean().alias("rho")).sort("rho", descending=True)
         parts = ", ".join(f"{k['kind']} ρ = {k['rho']:.2f}" for k in by_kind.iter_rows(named=True) if k["rho"] is not None)
         findings.append(f"Attribution patching vs exact, mean rank correlation over layers: {parts}.")
         r0 = attr.filter(pl.col("kind") == "resid")
