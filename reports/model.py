@@ -1,7 +1,8 @@
-"""What a report is made of: sections of charts, tables and notes, plus the findings."""
+"""What a report is made of: sections (charts, tables, notes) and findings grouped by question."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +23,86 @@ class Section:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Question:
+    """A question the study answers; findings are listed under it. ``anchor``: its HTML id."""
+
+    text: str
+    anchor: str
+
+
+# The study's questions, in the order a report asks them. A new section that answers a new
+# question defines its own ``Question`` in its module; questions are listed in the order the
+# sections (reports.sections.SECTIONS) first answer them.
+ECHO = Question("Does the model echo?", "q-echo")
+WHERE = Question("Where does the answer appear?", "q-where")
+HEADS = Question("Which heads matter, and by which measure?", "q-heads")
+SINK = Question("Is position 0 a sink?", "q-sink")
+TEMPLATES = Question("What makes the templates differ?", "q-templates")
+
+
+@dataclass
+class Answer:
+    """One question's findings: the headline (the number that answers it) first, then the rest."""
+
+    question: Question
+    headline: str | None = None
+    supporting: list[str] = field(default_factory=list)
+
+    def texts(self) -> list[str]:
+        return ([self.headline] if self.headline else []) + self.supporting
+
+
+@dataclass
+class Findings:
+    """Sentences written from the analyses' frames, grouped by the question each answers, plus
+    the run's own checks (``run``: validation, shown before the questions).
+
+    Iterating yields every sentence in page order (run checks, then each question's headline
+    and supporting findings), so ``"\\n".join(report.findings)`` reads the whole list.
+    """
+
+    run: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+
+    def answer(self, q: Question) -> Answer:
+        for a in self.answers:
+            if a.question == q:
+                return a
+        self.answers.append(Answer(q))
+        return self.answers[-1]
+
+    def headline(self, q: Question, text: str) -> None:
+        """The one sentence (with its number) that answers ``q``; one section owns it."""
+        a = self.answer(q)
+        assert a.headline is None, f"two headlines for {q.text!r}: {a.headline!r} and {text!r}"
+        a.headline = text
+
+    def add(self, q: Question, text: str) -> None:
+        """A supporting finding under ``q``."""
+        self.answer(q).supporting.append(text)
+
+    def merge(self, other: Findings, prefix: str) -> None:
+        """Append ``other``'s findings (another model's) under the same questions, each sentence
+        prefixed (``"smol: "``); its headlines become the first of its supporting findings."""
+        self.run += [prefix + t for t in other.run]
+        for a in other.answers:
+            self.answer(a.question).supporting.extend(prefix + t for t in a.texts())
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.run
+        for a in self.answers:
+            yield from a.texts()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass
 class Report:
     title: str
     sections: list[Section]
-    findings: list[str]
+    findings: Findings
 
     def chart_specs(self) -> list[dict[str, Any]]:
         return [c.to_dict() for s in self.sections for c in s.charts]
