@@ -103,8 +103,9 @@ def _findings(ctx: Ctx, counts: pl.DataFrame) -> None:
     if top is None:
         ctx.findings.headline(WHERE, f"The target never ends top-1 under the logit lens ({n} of {n} prompts).")
     else:
-        ctx.findings.headline(WHERE, f"Layer {top[0]}: the target becomes top-1 under the logit lens there and "
-                                     f"stays so for {top[1]} of {n} prompts; {never} never end with the target.")
+        ctx.findings.headline(WHERE, f"The target emerges at layer {top[0]} for {top[1]} of {n} prompts (top-1 under "
+                                     f"the logit lens from there to the last layer); for {never} of {n} it never "
+                                     "ends top-1.")
     for t in sorted(set(counts["template_index"].to_list())):
         c = counts.filter((pl.col("template_index") == t) & pl.col("emergence_layer").is_not_null())
         if c.height:

@@ -17,6 +17,8 @@ from extract.config import ExtractConfig
 from extract.run import extract
 from query import Warehouse
 from reports import build, render_html, write_report
+from store import WarehouseReader
+from store.schema import ABLATION_DIR
 
 WORDS = ("cat", "dog", "house")
 
@@ -293,6 +295,7 @@ MATRIX = {
     "zero+mean": dict(ablation=("zero", "mean")),
     "last": dict(ablation=("mean",), ablate_positions="last"),
     "layers": dict(ablation=("zero", "mean"), ablate_layers=(1, 2)),
+    "sinks": dict(ablation=("zero", "sink", "sink_norenorm"), ablate_positions="last"),
 }
 
 
@@ -318,25 +321,32 @@ def test_report_builds_for_every_ablation_configuration(matrix, name, tmp_path):
     if not kw["ablation"]:
         assert "no ablation data" in by_title["Ablation flips"].note and summary["ablation"] == "none"
         return
-    modes = list(kw["ablation"])
+    modes = list(kw["ablation"])  # requested in the order the summary names them
+    unit = [m for m in modes if m in ("zero", "mean")]  # the modes the head and block sections show
     shown = "zero" if "zero" in modes else "mean"
     assert not by_title["DLA vs ablation"].note and not by_title["Ablation flips"].note
     titles = [str(c.to_dict().get("title") or c.to_dict()["layer"][0].get("title")) for s in rep.sections
               for c in s.charts]
     assert sum(f"vs {shown}-ablation effect" in t for t in titles) == 1
     assert [t for t in titles if t.startswith("Whole-block")] == [
-        f"Whole-block {m} ablation: KL(clean ‖ ablated) by layer" for m in modes]
+        f"Whole-block {m} ablation: KL(clean ‖ ablated) by layer" for m in unit]
     layers = kw.get("ablate_layers", (0, 1, 2))
     positions = kw.get("ablate_positions", "all")
-    assert summary["ablation"] == (f"{'+'.join(modes)} ablation, unit removed at "
-                                   f"{'all positions' if positions == 'all' else 'the last position only'}, "
-                                   f"layers {layers[0]}-{layers[-1]}")
+    names = modes[0] if len(modes) == 1 else f"{', '.join(modes[:-1])} and {modes[-1]}"
+    assert summary["ablation"].startswith(
+        f"{names} ablation at {'all positions' if positions == 'all' else 'the last position only'}, "
+        f"layers {layers[0]}-{layers[-1]} (")
+    # every mode the shards hold (read from the HDF5 attributes, not through query) is named
+    with WarehouseReader(matrix[name]) as r:
+        stored = {m for i in r.ablation_indices() for m in r.shard(i, ABLATION_DIR).attrs["modes"]}
+    assert stored == set(modes)
+    assert all(f"{m}: " in summary["ablation"] for m in stored)
     # the block chart holds exactly the block_ablation rows of the ablated layers
     with Warehouse(matrix[name]) as wh:
-        blocks = wh.run_analysis("block_ablation", mode=modes[-1])
+        blocks = wh.run_analysis("block_ablation", mode=unit[-1])
     assert set(blocks["layer"].to_list()) == set(layers)
     chart = next(c.to_dict() for s in rep.sections for c in s.charts
-                 if str(c.to_dict().get("title")).startswith(f"Whole-block {modes[-1]}"))
+                 if str(c.to_dict().get("title")).startswith(f"Whole-block {unit[-1]}"))
     assert len(chart["data"]["values"]) == blocks.height == 2 * len(layers)
     assert any(f"({shown} mode)" in f or f"{shown} mode)" in f for f in rep.findings)
 
