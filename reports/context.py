@@ -71,6 +71,14 @@ def layer_ranges(layers: list[int]) -> str:
     return ", ".join(out)
 
 
+def most_common_emergence_layer(counts: pl.DataFrame) -> tuple[int, int] | None:
+    """(layer, prompts) where the target most often emerges over all templates, from
+    emergence_counts (None: it never does). Shared by the emergence and head sections."""
+    c = (counts.drop_nulls("emergence_layer").group_by("emergence_layer").agg(pl.col("n_prompts").sum())
+         .sort(["n_prompts", "emergence_layer"], descending=[True, False]))
+    return (int(c["emergence_layer"][0]), int(c["n_prompts"][0])) if c.height else None
+
+
 @dataclass
 class Ctx:
     """What every section reads (the warehouse, its manifest, the words asked for, what its

@@ -7,7 +7,7 @@ import altair as alt
 import polars as pl
 
 from reports.charts import TEMPLATE_COLORS, WIDTH, data
-from reports.context import Ctx
+from reports.context import Ctx, most_common_emergence_layer
 from reports.model import WHERE, Section, visible
 
 
@@ -87,13 +87,6 @@ def lens_trajectory(df: pl.DataFrame, title: str) -> alt.Chart:
                                                                range=["#d62728", "white", "black"])),
     )
     return (rect + text).properties(width=WIDTH, height=20 * n_layers)
-
-
-def most_common_emergence_layer(counts: pl.DataFrame) -> tuple[int, int] | None:
-    """(layer, prompts) where the target most often emerges over all templates (None: never)."""
-    c = (counts.drop_nulls("emergence_layer").group_by("emergence_layer").agg(pl.col("n_prompts").sum())
-         .sort(["n_prompts", "emergence_layer"], descending=[True, False]))
-    return (int(c["emergence_layer"][0]), int(c["n_prompts"][0])) if c.height else None
 
 
 def _findings(ctx: Ctx, counts: pl.DataFrame) -> None:

@@ -12,9 +12,8 @@ import altair as alt
 import polars as pl
 
 from reports.charts import WIDTH, data, layer_head_heatmap
-from reports.context import Ctx
+from reports.context import Ctx, most_common_emergence_layer
 from reports.model import HEADS, Section
-from reports.sections.emergence import most_common_emergence_layer
 
 
 def dla_vs_ablation_scatter(df: pl.DataFrame, n_label: int = 8, mode: str = "zero") -> alt.Chart:

@@ -100,7 +100,8 @@ def test_findings_open_with_one_headline_per_question(planted):
 
 def test_the_planted_numbers_are_what_the_fixture_planted(planted):
     """The independent computation above, against the fixture's own plan (tests/reports/conftest.py)."""
-    from tests.reports.conftest import EMERGENCE, SINK as SINK_HEAD, TOP_DLA
+    from tests.reports.conftest import EMERGENCE, TOP_DLA
+    from tests.reports.conftest import SINK as SINK_HEAD
 
     raw = _raw(planted)
     assert raw["echo"] == sum(e is not None for e in EMERGENCE) == 7
