@@ -10,8 +10,7 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-WIDTH = 640
-TEMPLATE_COLORS = alt.Scale(scheme="category10")
+WIDTH = 640  # px, every single-column chart of the study report
 
 
 def data(df: pl.DataFrame) -> alt.Data:

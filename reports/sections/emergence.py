@@ -6,9 +6,11 @@ from __future__ import annotations
 import altair as alt
 import polars as pl
 
-from reports.charts import TEMPLATE_COLORS, WIDTH, data
+from reports.charts import WIDTH, data
 from reports.context import Ctx, most_common_emergence_layer
 from reports.model import WHERE, Section, visible
+
+TEMPLATE_COLORS = alt.Scale(scheme="category10")
 
 
 def emergence_histogram(counts: pl.DataFrame, templates: list[str]) -> alt.Chart:
