@@ -43,14 +43,18 @@ TEMPLATES = Question("What makes the templates differ?", "q-templates")
 
 @dataclass
 class Answer:
-    """One question's findings: the headline (the number that answers it) first, then the rest."""
+    """One question's findings: the headline (the number that answers it) first, then the
+    supporting findings, then (in a comparison) each model's own answer under its label."""
 
     question: Question
     headline: str | None = None
     supporting: list[str] = field(default_factory=list)
+    models: list[tuple[str, Answer]] = field(default_factory=list)  # (label, that model's answer)
 
     def texts(self) -> list[str]:
-        return ([self.headline] if self.headline else []) + self.supporting
+        """Every sentence in page order; a model's own prefixed with its label ('smol: ...')."""
+        own = ([self.headline] if self.headline else []) + self.supporting
+        return own + [f"{label}: {t}" for label, a in self.models for t in a.texts()]
 
 
 @dataclass
@@ -82,12 +86,11 @@ class Findings:
         """A supporting finding under ``q``."""
         self.answer(q).supporting.append(text)
 
-    def merge(self, other: Findings, prefix: str) -> None:
-        """Append ``other``'s findings (another model's) under the same questions, each sentence
-        prefixed (``"smol: "``); its headlines become the first of its supporting findings."""
-        self.run += [prefix + t for t in other.run]
+    def merge(self, other: Findings, label: str) -> None:
+        """Put another model's findings under the same questions, labelled (a comparison)."""
+        self.run += [f"{label}: {t}" for t in other.run]
         for a in other.answers:
-            self.answer(a.question).supporting.extend(prefix + t for t in a.texts())
+            self.answer(a.question).models.append((label, a))
 
     def __iter__(self) -> Iterator[str]:
         yield from self.run

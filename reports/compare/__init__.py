@@ -6,8 +6,8 @@ Same convention as the study report: every section is a function ``sections(ctx:
 ``compare_*`` analyses (or the ``models`` view, or a single-warehouse analysis run per model)
 through ``query.Comparison`` and writes its findings to ``ctx.findings`` under the question
 they answer. Models of different depths share one axis by relative depth, ``layer /
-n_layers``. Each model's own findings are merged under the same questions, prefixed
-``LABEL: ``; the page is the same template (reports.render).
+n_layers``. Each model's own findings are merged under the same questions, under its label;
+the page is the same template (reports.render).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build_comparison(warehouses: Sequence[WarehouseArg | Path | str], words: tup
             for s in own.sections:
                 s.title = f"{label}: {s.title}"
             sections += own.sections
-            findings.merge(own.findings, f"{label}: ")
+            findings.merge(own.findings, label)
     return Report(title or f"echo-warehouse comparison: {' vs '.join(labels)}", sections, findings)
 
 

@@ -135,9 +135,12 @@ def test_comparison_groups_its_findings_the_same_way(planted, planted_no_ablatio
     assert f"bare L{ld}H{hd} by DLA (mean {vd:.3f}" in blocks["q-heads"][1]
     # each model's own findings sit under the same questions, prefixed with its label
     echo = next(a for a in rep.findings.answers if a.question == ECHO)
-    assert any(t.startswith("full: The continuation starts with the word for 7 of 8") for t in echo.supporting)
+    assert [label for label, _ in echo.models] == ["full", "bare"]
+    assert echo.texts()[echo.texts().index("full: " + echo.models[0][1].headline) - 1] == echo.supporting[-1]
+    assert echo.models[0][1].headline.startswith(f"The continuation starts with the word for {full['echo']} of 8")
+    assert f"<summary><b>full</b>: {html.escape(echo.models[0][1].headline)}</summary>" in page
     templates = next(a for a in rep.findings.answers if a.question == TEMPLATES)
-    assert templates.headline is None and any(t.startswith("bare: The templates give") for t in templates.supporting)
+    assert templates.headline is None and templates.models[1][1].headline.startswith("The templates give")
 
 
 def test_findings_container():
@@ -150,6 +153,7 @@ def test_findings_container():
     with pytest.raises(AssertionError, match="two headlines"):
         f.headline(WHERE, "again")
     g = Findings()
-    g.merge(f, "m: ")
-    assert [a.question for a in g.answers] == [WHERE, ECHO] and g.answers[0].headline is None
-    assert list(g) == ["m: ok", "m: a", "m: b", "m: c"]
+    g.headline(ECHO, "both")
+    g.merge(f, "m")
+    assert [a.question for a in g.answers] == [ECHO, WHERE] and g.answers[1].headline is None
+    assert list(g) == ["m: ok", "both", "m: c", "m: a", "m: b"]
