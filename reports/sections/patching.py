@@ -109,15 +109,24 @@ def _names(ctx: Ctx, pair: str, direction: int) -> tuple[str, str]:
 
 
 def _headline(ctx: Ctx, info: pl.DataFrame, resid: pl.DataFrame) -> None:
-    parts = []
+    """From which layer on (to the last) the last position alone recovers ≥ 0.5 on average, per
+    pair direction (templates by index; one clause when every direction agrees)."""
+    first: dict[str, int | None] = {}
     for pair, r in info.select("pair", "direction").rows():
-        last = resid.filter((pl.col("pair") == pair) & (pl.col("direction") == r) & (pl.col("from_end") == 0)
-                            & (pl.col("mean_recovery") >= 0.5))
-        src, dst = _names(ctx, pair, r)
-        parts.append(f"from layer {last['layer'].min()} on for {src} into {dst}" if last.height
-                     else f"at no layer for {src} into {dst}")
-    ctx.findings.headline(TEMPLATES, "The last position's residual alone carries at least half of the difference "
-                                     "between the templates (mean patching recovery ≥ 0.5) " + "; ".join(parts) + ".")
+        last = resid.filter((pl.col("pair") == pair) & (pl.col("direction") == r) & (pl.col("from_end") == 0))
+        below = last.filter(pl.col("mean_recovery") < 0.5)["layer"].max()  # the last layer still under 0.5
+        a, b = pair.split("-")
+        first[f"template {a} into {b}" if r == 0 else f"template {b} into {a}"] = (
+            last.filter(pl.col("layer") > below)["layer"].min() if below is not None else last["layer"].min())
+    head = ("The last position's residual alone carries at least half of the difference between the templates "
+            "(mean patching recovery ≥ 0.5) ")
+    layers = set(first.values())
+    if len(layers) == 1 and None not in layers:
+        text = f"from layer {layers.pop()} on, in all {len(first)} directions patched."
+    else:
+        text = "; ".join(f"from layer {x} on for {d}" if x is not None else f"at no layer for {d}"
+                         for d, x in first.items()) + "."
+    ctx.findings.headline(TEMPLATES, head + text)
 
 
 def _direction_findings(ctx: Ctx, row: dict, f: Frames) -> None:

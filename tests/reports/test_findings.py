@@ -157,3 +157,46 @@ def test_findings_container():
     g.merge(f, "m")
     assert [a.question for a in g.answers] == [ECHO, WHERE] and g.answers[1].headline is None
     assert list(g) == ["m: ok", "both", "m: c", "m: a", "m: b"]
+
+
+@pytest.fixture(scope="module")
+def patched(tiny_llama_dir, tmp_path_factory) -> Path:
+    from extract.config import ExtractConfig
+    from extract.run import extract
+
+    out = tmp_path_factory.mktemp("patched") / "w"
+    s = extract(ExtractConfig(out=out, model=str(tiny_llama_dir), device="cpu", words=("cat", "xylophone"),
+                              templates=("repeat the following word: {word}", "echo the following word: {word}"),
+                              patching=True, ablation=(), progress=False), log=lambda m: None)
+    assert not s.failed
+    return out
+
+
+def test_templates_headline_from_patching(patched):
+    """With patching data the fifth question's headline is the layer from which on (to the last)
+    the last position's residual alone recovers >= 0.5 on average: recomputed from the patching view's
+    per-word recoveries (not the patching_recovery_map analysis)."""
+    from query import Warehouse
+
+    blocks = _blocks(render_html(build(patched, words=())))
+    with Warehouse(patched) as wh:
+        per = wh.sql("SELECT pair, direction, layer, avg(recovery) AS r FROM patching WHERE kind = 'resid' "
+                     "AND from_end = 0 GROUP BY ALL").rows()
+    first: dict[tuple[str, int], int | None] = {}
+    for key in {(p, d) for p, d, _, _ in per}:
+        by_layer = sorted((layer, r) for p, d, layer, r in per if (p, d) == key)
+        start = None  # the first layer of the final run of layers whose mean recovery is >= 0.5
+        for layer, r in by_layer:
+            start = (layer if start is None else start) if r >= 0.5 else None
+        first[key] = start
+    assert len(first) == 2  # one pair, both directions
+    layers = set(first.values())
+    text = blocks["q-templates"][1]
+    assert text.startswith("The last position's residual alone carries at least half of the difference")
+    if len(layers) == 1 and None not in layers:
+        assert text.endswith(f"from layer {layers.pop()} on, in all 2 directions patched.")
+    else:
+        for (pair, direction), layer in first.items():
+            a, b = pair.split("-")
+            d = f"template {a} into {b}" if direction == 0 else f"template {b} into {a}"
+            assert (f"from layer {layer} on for {d}" if layer is not None else f"at no layer for {d}") in text
