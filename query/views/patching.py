@@ -3,7 +3,8 @@
 Light views, materialised whole on first use (a default pair of 44 words holds ~400k rows):
 ``patching`` (one row per patch), ``patching_pairs`` (one row per pair direction: the logit
 difference's tokens and clean values), ``patching_positions`` (every destination position:
-shared prefix, aligned, or unpatchable) and ``patching_validation``.
+shared prefix, aligned, or unpatchable) and ``patching_validation``; registered as the kind
+``patching`` (this module's last line).
 """
 
 from __future__ import annotations
@@ -13,99 +14,94 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from store.schema import PATCHING_DIR, PT, Role
+from query.columns import INVARIANT_CHECK, ROLE_NAMES, WORD, Column, T
+from query.registry import View, ViewKind, register, table
+from store.schema import PATCHING_DIR, PT
 from store.schema import PatchKind as K
 from store.warehouse import shard_indices
 
 if TYPE_CHECKING:
     from query.shards import Shards as Loader
-    from query.views import View
 
 KIND_NAMES = {int(k): k.name.lower() for k in K}
-_DIR = "direction INTEGER | 0: template a's prompt patched into template b's; 1: the reverse"
+PAIR = Column("pair", T.VARCHAR, "template pair 'a-b'")
+DIRECTION = Column("direction", T.INTEGER, "0: template a's prompt patched into template b's; 1: the reverse")
+_ITS_TEXT = "its text"
 
-
-def _c(spec: str) -> tuple:
-    from query.views import columns_from_spec  # query.views imports this module: bind late
-
-    return columns_from_spec(spec)
-
-
-def views() -> tuple[View, ...]:
-    from query.views import View
-
-    return (
-        View("patching", "activation patching: one row per patch of a pair direction, metrics at the "
-             "destination's last position (empty unless extracted with --patching)", _c(f"""
-pair VARCHAR | template pair 'a-b'
-word VARCHAR | the word
-{_DIR}
-source_prompt INTEGER | prompt whose activation is put in
-dest_prompt INTEGER | prompt that is run (metrics are its)
-kind VARCHAR | 'resid', 'attn', 'mlp', 'head' (one position), 'head_all' (every aligned differing position), 'resid_all' (boundary 0, every differing position: check row), 'nothing' (check row)
-boundary INTEGER | residual boundary for resid kinds (0 = embeddings), else NULL
-layer INTEGER | block index; for resid kinds boundary - 1 (-1 = embeddings), as in the resid view; 0 for the 'nothing' check row
-head INTEGER | head for 'head'/'head_all', else NULL
-dst_pos INTEGER | destination position patched (NULL: several at once, head_all and a resid_all of more than one token)
-src_pos INTEGER | aligned source position read (NULL: several)
-from_end INTEGER | destination positions before the last (0 = last): aligns words of different lengths
-dst_role VARCHAR | role of dst_pos ('template', 'word', 'suffix', 'last')
-dst_token VARCHAR | destination token at dst_pos
-src_token VARCHAR | source token at src_pos
-target_logit FLOAT | destination target logit after patching
-target_prob FLOAT | destination target probability after patching
-logit_diff FLOAT | LD after patching (patching_pairs: which tokens)
-ld_change FLOAT | logit_diff - LD of the destination's clean run (the exact effect)
-recovery FLOAT | (LD patched - LD dest) / (LD source - LD dest): 0 destination, 1 source
-kl_source FLOAT | KL(source clean || patched), nats
-kl_dest FLOAT | KL(destination clean || patched), nats
-top1_id INTEGER | top-1 token after patching
-top1_text VARCHAR | its text
-attribution FLOAT | attribution patching's estimate of ld_change (gradient x activation difference)
-attribution_recovery FLOAT | attribution / (LD source - LD dest): the estimate of recovery""")),
-        View("patching_pairs", "per pair direction: the logit difference LD = logit[token0] - logit[token1] "
-             "and its clean values (empty unless extracted with --patching)", _c(f"""
-pair VARCHAR | template pair 'a-b'
-word VARCHAR | the word
-{_DIR}
-source_prompt INTEGER | source prompt
-dest_prompt INTEGER | destination prompt
-ld_rule VARCHAR | 'top1': source top-1 minus destination top-1; 'target' (the top-1s agree): target minus the token with the highest clean destination logit other than the target
-token0 INTEGER | LD's first token
-token0_text VARCHAR | its text
-token1 INTEGER | LD's second token
-token1_text VARCHAR | its text
-ld_source FLOAT | LD of the source's clean run
-ld_dest FLOAT | LD of the destination's clean run
-shared_prefix INTEGER | leading positions identical in both prompts (never patched: identical activations)
-n_unpatchable INTEGER | destination positions with no counterpart (never guessed)
-embed_all_check VARCHAR | whether patch_embed_all_is_source was checked, and why not
-clean_references VARCHAR | which clean runs the metrics use""")),
-        View("patching_positions", "every destination position of every pair direction and its "
-             "counterpart (empty unless extracted with --patching)", _c(f"""
-pair VARCHAR | template pair 'a-b'
-word VARCHAR | the word
-{_DIR}
-dst_pos INTEGER | destination position
-src_pos INTEGER | aligned source position (NULL: unpatchable)
-status VARCHAR | 'shared_prefix' (identical, not patched), 'aligned' (patched) or 'unpatchable'
-from_end INTEGER | positions before the destination's last
-role VARCHAR | role of the destination position
-dst_token VARCHAR | destination token
-src_token VARCHAR | source token (NULL: unpatchable)""")),
-        View("patching_validation", "invariant checks of each patching shard (both directions; worst "
-             "of the two)", _c("""
-pair VARCHAR | template pair 'a-b'
-word VARCHAR | the word
-invariant VARCHAR | patch_clean_is_model, patch_nothing_is_dest or patch_embed_all_is_source
-max_abs_err DOUBLE | largest absolute error
-rel_err DOUBLE | max_abs_err / max(1, max |reference|)
-tolerance DOUBLE | allowed rel_err
-passed BOOLEAN | rel_err <= tolerance""")),
-    )
-
-
-NAMES = ("patching", "patching_pairs", "patching_positions", "patching_validation")
+VIEWS: tuple[View, ...] = (
+    View("patching", "activation patching: one row per patch of a pair direction, metrics at the "
+         "destination's last position (empty unless extracted with --patching)", (
+        PAIR, WORD, DIRECTION,
+        Column("source_prompt", T.INTEGER, "prompt whose activation is put in"),
+        Column("dest_prompt", T.INTEGER, "prompt that is run (metrics are its)"),
+        Column("kind", T.VARCHAR, "'resid', 'attn', 'mlp', 'head' (one position), 'head_all' (every aligned "
+               "differing position), 'resid_all' (boundary 0, every differing position: check row), "
+               "'nothing' (check row)"),
+        Column("boundary", T.INTEGER, "residual boundary for resid kinds (0 = embeddings), else NULL"),
+        Column("layer", T.INTEGER, "block index; for resid kinds boundary - 1 (-1 = embeddings), as in the "
+               "resid view; 0 for the 'nothing' check row"),
+        Column("head", T.INTEGER, "head for 'head'/'head_all', else NULL"),
+        Column("dst_pos", T.INTEGER, "destination position patched (NULL: several at once, head_all and a "
+               "resid_all of more than one token)"),
+        Column("src_pos", T.INTEGER, "aligned source position read (NULL: several)"),
+        Column("from_end", T.INTEGER, "destination positions before the last (0 = last): aligns words of "
+               "different lengths"),
+        Column("dst_role", T.VARCHAR, "role of dst_pos ('template', 'word', 'suffix', 'last')"),
+        Column("dst_token", T.VARCHAR, "destination token at dst_pos"),
+        Column("src_token", T.VARCHAR, "source token at src_pos"),
+        Column("target_logit", T.FLOAT, "destination target logit after patching"),
+        Column("target_prob", T.FLOAT, "destination target probability after patching"),
+        Column("logit_diff", T.FLOAT, "LD after patching (patching_pairs: which tokens)"),
+        Column("ld_change", T.FLOAT, "logit_diff - LD of the destination's clean run (the exact effect)"),
+        Column("recovery", T.FLOAT, "(LD patched - LD dest) / (LD source - LD dest): 0 destination, 1 source"),
+        Column("kl_source", T.FLOAT, "KL(source clean || patched), nats"),
+        Column("kl_dest", T.FLOAT, "KL(destination clean || patched), nats"),
+        Column("top1_id", T.INTEGER, "top-1 token after patching"),
+        Column("top1_text", T.VARCHAR, _ITS_TEXT),
+        Column("attribution", T.FLOAT, "attribution patching's estimate of ld_change (gradient x activation "
+               "difference)"),
+        Column("attribution_recovery", T.FLOAT, "attribution / (LD source - LD dest): the estimate of recovery"),
+    )),
+    View("patching_pairs", "per pair direction: the logit difference LD = logit[token0] - logit[token1] "
+         "and its clean values (empty unless extracted with --patching)", (
+        PAIR, WORD, DIRECTION,
+        Column("source_prompt", T.INTEGER, "source prompt"),
+        Column("dest_prompt", T.INTEGER, "destination prompt"),
+        Column("ld_rule", T.VARCHAR, "'top1': source top-1 minus destination top-1; 'target' (the top-1s "
+               "agree): target minus the token with the highest clean destination logit other than the target"),
+        Column("token0", T.INTEGER, "LD's first token"),
+        Column("token0_text", T.VARCHAR, _ITS_TEXT),
+        Column("token1", T.INTEGER, "LD's second token"),
+        Column("token1_text", T.VARCHAR, _ITS_TEXT),
+        Column("ld_source", T.FLOAT, "LD of the source's clean run"),
+        Column("ld_dest", T.FLOAT, "LD of the destination's clean run"),
+        Column("shared_prefix", T.INTEGER, "leading positions identical in both prompts (never patched: "
+               "identical activations)"),
+        Column("n_unpatchable", T.INTEGER, "destination positions with no counterpart (never guessed)"),
+        Column("embed_all_check", T.VARCHAR, "whether patch_embed_all_is_source was checked, and why not"),
+        Column("clean_references", T.VARCHAR, "which clean runs the metrics use"),
+    )),
+    View("patching_positions", "every destination position of every pair direction and its "
+         "counterpart (empty unless extracted with --patching)", (
+        PAIR, WORD, DIRECTION,
+        Column("dst_pos", T.INTEGER, "destination position"),
+        Column("src_pos", T.INTEGER, "aligned source position (NULL: unpatchable)"),
+        Column("status", T.VARCHAR, "'shared_prefix' (identical, not patched), 'aligned' (patched) or "
+               "'unpatchable'"),
+        Column("from_end", T.INTEGER, "positions before the destination's last"),
+        Column("role", T.VARCHAR, "role of the destination position"),
+        Column("dst_token", T.VARCHAR, "destination token"),
+        Column("src_token", T.VARCHAR, "source token (NULL: unpatchable)"),
+    )),
+    View("patching_validation", "invariant checks of each patching shard (both directions; worst "
+         "of the two)", (
+        PAIR, WORD,
+        Column("invariant", T.VARCHAR, "patch_clean_is_model, patch_nothing_is_dest or "
+               "patch_embed_all_is_source"),
+        *INVARIANT_CHECK,
+    )),
+)
+_BY_NAME = {v.name: v for v in VIEWS}
 
 
 def _str(v: Any) -> str:
@@ -125,13 +121,9 @@ def _shards(lo: Loader) -> list[tuple[str, int, Any]]:
 
 def load(lo: Loader, name: str) -> pa.Table:
     """The named patching view as an Arrow table (empty with the right columns when none)."""
-    from query.light import table as _table
-    from query.views import VIEW_BY_NAME
-
-    cols: dict[str, list] = {c: [] for c in VIEW_BY_NAME[name].names}
+    cols: dict[str, list] = {c: [] for c in _BY_NAME[name].names}
     tokens: dict[int, list[str]] = {}
     roles_: dict[int, np.ndarray] = {}
-    role_names = {int(r): r.name.lower() for r in Role}
 
     def toks(p: int) -> list[str]:
         if p not in tokens:
@@ -179,7 +171,7 @@ def load(lo: Loader, name: str) -> pa.Table:
                     st = "shared_prefix" if t < P else ("aligned" if j >= 0 else "unpatchable")
                     row = {"pair": pair, "word": word, "direction": r, "dst_pos": t,
                            "src_pos": j if j >= 0 else None, "status": st, "from_end": T - 1 - t,
-                           "role": role_names[int(roles_[d][t])], "dst_token": td[t],
+                           "role": ROLE_NAMES[int(roles_[d][t])], "dst_token": td[t],
                            "src_token": ts[j] if j >= 0 else None}
                     for k, x in row.items():
                         cols[k].append(x)
@@ -212,7 +204,7 @@ def load(lo: Loader, name: str) -> pa.Table:
         cols["from_end"] += [T_dst[r] - 1 - int(x) if x >= 0 else None for r, x in zip(direction, dpos, strict=True)]
         for r_, x, y in zip(direction.tolist(), dpos.tolist(), spos.tolist(), strict=True):
             d, s = int(prompts[r_, 1]), int(prompts[r_, 0])
-            cols["dst_role"].append(role_names[int(roles_[d][x])] if x >= 0 else None)
+            cols["dst_role"].append(ROLE_NAMES[int(roles_[d][x])] if x >= 0 else None)
             cols["dst_token"].append(toks(d)[x] if x >= 0 else None)
             cols["src_token"].append(toks(s)[y] if y >= 0 else None)
         for fld in (PT.TARGET_LOGIT, PT.TARGET_PROB, PT.LOGIT_DIFF, PT.RECOVERY, PT.KL_SOURCE, PT.KL_DEST,
@@ -221,4 +213,7 @@ def load(lo: Loader, name: str) -> pa.Table:
         cols["ld_change"] += (ldiff - ld_d[direction]).tolist()
         cols["top1_text"] += lo.text(f[PT.TOP1_ID.name][()])
         cols["attribution_recovery"] += (att / denom).tolist()
-    return _table(VIEW_BY_NAME[name], lo.d_model, cols)
+    return table(_BY_NAME[name], lo.d_model, cols)
+
+
+KIND = register(ViewKind("patching", VIEWS, light={v.name: (lambda s, n=v.name: load(s, n)) for v in VIEWS}))
