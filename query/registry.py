@@ -156,6 +156,11 @@ def catalogue(order: Sequence[ViewKind]) -> tuple[View, ...]:
     return out
 
 
+def kinds() -> tuple[ViewKind, ...]:
+    """Every registered kind, in registration order."""
+    return tuple(_KINDS)
+
+
 def views() -> tuple[View, ...]:
     """Every registered view, kind by kind in registration order."""
     return tuple(v for k in _KINDS for v in k.views)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from query.columns import INVARIANT_CHECK, ROLE_NAMES, WORD, Column, T
 from query.registry import View, ViewKind, register, table
-from store.schema import PATCHING_DIR, PT
+from store.schema import PATCHING_DIR, PT, F
 from store.schema import PatchKind as K
 from store.warehouse import shard_indices
 
@@ -119,79 +119,91 @@ def _shards(lo: Loader) -> list[tuple[str, int, Any]]:
     return out
 
 
-def load(lo: Loader, name: str) -> pa.Table:
-    """The named patching view as an Arrow table (empty with the right columns when none)."""
-    cols: dict[str, list] = {c: [] for c in _BY_NAME[name].names}
-    tokens: dict[int, list[str]] = {}
-    roles_: dict[int, np.ndarray] = {}
+class _Prompts:
+    """Token texts and roles of the prompts a patching shard names, each read once."""
 
-    def toks(p: int) -> list[str]:
-        if p not in tokens:
-            from store.schema import F
+    def __init__(self, lo: Loader) -> None:
+        self.lo = lo
+        self._tokens: dict[int, list[str]] = {}
 
-            tokens[p] = list(lo.r.read(F.TOKEN_TEXT, p))
-            roles_[p] = lo.roles(p)
-        return tokens[p]
+    def tokens(self, p: int) -> list[str]:
+        if p not in self._tokens:
+            self._tokens[p] = list(self.lo.r.read(F.TOKEN_TEXT, p))
+        return self._tokens[p]
 
+    def role(self, p: int, t: int) -> str:
+        return ROLE_NAMES[int(self.lo.roles(p)[t])]
+
+
+def _add(cols: dict[str, list], row: dict[str, Any]) -> None:
+    for k, x in row.items():
+        cols[k].append(x)
+
+
+def _empty(name: str) -> dict[str, list]:
+    return {c: [] for c in _BY_NAME[name].names}
+
+
+def _validation(lo: Loader) -> pa.Table:
+    cols = _empty("patching_validation")
     for pair, _idx, f in _shards(lo):
         word = _str(f.attrs["word"])
-        prompts = f[PT.PROMPTS.name][()]
-        if name == "patching_validation":
-            v = f[PT.VALIDATION.name][()]
-            for row in v:
-                for k, x in (("pair", pair), ("word", word), ("invariant", _str(row["invariant"])),
-                             ("max_abs_err", float(row["max_abs_err"])), ("rel_err", float(row["rel_err"])),
-                             ("tolerance", float(row["tolerance"])), ("passed", bool(row["passed"]))):
-                    cols[k].append(x)
-            continue
-        d2s = f[PT.DST_TO_SRC.name][()]
+        for row in f[PT.VALIDATION.name][()]:
+            _add(cols, {"pair": pair, "word": word, "invariant": _str(row["invariant"]),
+                        "max_abs_err": float(row["max_abs_err"]), "rel_err": float(row["rel_err"]),
+                        "tolerance": float(row["tolerance"]), "passed": bool(row["passed"])})
+    return table(_BY_NAME["patching_validation"], lo.d_model, cols)
+
+
+def _pairs(lo: Loader) -> pa.Table:
+    cols = _empty("patching_pairs")
+    for pair, _idx, f in _shards(lo):
+        word, prompts, d2s = _str(f.attrs["word"]), f[PT.PROMPTS.name][()], f[PT.DST_TO_SRC.name][()]
+        lt = f[PT.LD_TOKENS.name][()]
+        rules = [_str(x) for x in f.attrs["ld_rule"]]
+        notes = [_str(x) for x in f.attrs["embed_all_check"]]
+        for r in range(2):
+            t0, t1 = (int(x) for x in lt[r])
+            _add(cols, {"pair": pair, "word": word, "direction": r, "source_prompt": int(prompts[r, 0]),
+                        "dest_prompt": int(prompts[r, 1]), "ld_rule": rules[r], "token0": t0,
+                        "token0_text": lo.text([t0])[0], "token1": t1, "token1_text": lo.text([t1])[0],
+                        "ld_source": float(f[PT.LD_SOURCE.name][r]), "ld_dest": float(f[PT.LD_DEST.name][r]),
+                        "shared_prefix": int(f.attrs["shared_prefix"]), "n_unpatchable": int((d2s[r] == -1).sum()),
+                        "embed_all_check": notes[r], "clean_references": _str(f.attrs["references"])})
+    return table(_BY_NAME["patching_pairs"], lo.d_model, cols)
+
+
+def _positions(lo: Loader) -> pa.Table:
+    cols, pr = _empty("patching_positions"), _Prompts(lo)
+    for pair, _idx, f in _shards(lo):
+        word, prompts, d2s = _str(f.attrs["word"]), f[PT.PROMPTS.name][()], f[PT.DST_TO_SRC.name][()]
         P = int(f.attrs["shared_prefix"])
-        if name == "patching_pairs":
-            lt = f[PT.LD_TOKENS.name][()]
-            rules = [_str(x) for x in f.attrs["ld_rule"]]
-            notes = [_str(x) for x in f.attrs["embed_all_check"]]
-            for r in range(2):
-                t0, t1 = (int(x) for x in lt[r])
-                row = {"pair": pair, "word": word, "direction": r, "source_prompt": int(prompts[r, 0]),
-                       "dest_prompt": int(prompts[r, 1]), "ld_rule": rules[r], "token0": t0,
-                       "token0_text": lo.text([t0])[0], "token1": t1, "token1_text": lo.text([t1])[0],
-                       "ld_source": float(f[PT.LD_SOURCE.name][r]), "ld_dest": float(f[PT.LD_DEST.name][r]),
-                       "shared_prefix": P, "n_unpatchable": int((d2s[r] == -1).sum()),
-                       "embed_all_check": notes[r], "clean_references": _str(f.attrs["references"])}
-                for k, x in row.items():
-                    cols[k].append(x)
-            continue
-        if name == "patching_positions":
-            for r in range(2):
-                s, d = (int(x) for x in prompts[r])
-                ts, td = toks(s), toks(d)
-                T = len(td)
-                for t in range(T):
-                    j = int(d2s[r, t])
-                    st = "shared_prefix" if t < P else ("aligned" if j >= 0 else "unpatchable")
-                    row = {"pair": pair, "word": word, "direction": r, "dst_pos": t,
-                           "src_pos": j if j >= 0 else None, "status": st, "from_end": T - 1 - t,
-                           "role": ROLE_NAMES[int(roles_[d][t])], "dst_token": td[t],
-                           "src_token": ts[j] if j >= 0 else None}
-                    for k, x in row.items():
-                        cols[k].append(x)
-            continue
-        # patching: one row per patch
-        direction = f[PT.DIRECTION.name][()].astype(np.int64)
-        kind = f[PT.KIND.name][()].astype(np.int64)
-        layer = f[PT.LAYER.name][()].astype(np.int64)
-        head = f[PT.HEAD.name][()].astype(np.int64)
-        dpos = f[PT.DST_POS.name][()].astype(np.int64)
-        spos = f[PT.SRC_POS.name][()].astype(np.int64)
+        for r in range(2):
+            s, d = (int(x) for x in prompts[r])
+            ts, td = pr.tokens(s), pr.tokens(d)
+            T = len(td)
+            for t in range(T):
+                j = int(d2s[r, t])
+                st = "shared_prefix" if t < P else ("aligned" if j >= 0 else "unpatchable")
+                _add(cols, {"pair": pair, "word": word, "direction": r, "dst_pos": t,
+                            "src_pos": j if j >= 0 else None, "status": st, "from_end": T - 1 - t,
+                            "role": pr.role(d, t), "dst_token": td[t], "src_token": ts[j] if j >= 0 else None})
+    return table(_BY_NAME["patching_positions"], lo.d_model, cols)
+
+
+def _patches(lo: Loader) -> pa.Table:
+    """The ``patching`` view: one row per patch, its position columns from the prompts' tokens."""
+    cols, pr = _empty("patching"), _Prompts(lo)
+    for pair, _idx, f in _shards(lo):
+        prompts = f[PT.PROMPTS.name][()]
+        direction, kind, layer, head, dpos, spos = (f[fld.name][()].astype(np.int64) for fld in (
+            PT.DIRECTION, PT.KIND, PT.LAYER, PT.HEAD, PT.DST_POS, PT.SRC_POS))  # (N,) each
         ld_s, ld_d = f[PT.LD_SOURCE.name][()], f[PT.LD_DEST.name][()]
         n = direction.size
         resid = np.isin(kind, [K.RESID, K.RESID_ALL])
-        ldiff = f[PT.LOGIT_DIFF.name][()]
-        att = f[PT.ATTRIBUTION.name][()]
-        denom = (ld_s - ld_d)[direction]
-        T_dst = {r: len(toks(int(prompts[r, 1]))) for r in range(2)}
+        T_dst = {r: len(pr.tokens(int(prompts[r, 1]))) for r in range(2)}
         cols["pair"] += [pair] * n
-        cols["word"] += [word] * n
+        cols["word"] += [_str(f.attrs["word"])] * n
         cols["direction"] += direction.tolist()
         cols["source_prompt"] += prompts[direction, 0].tolist()
         cols["dest_prompt"] += prompts[direction, 1].tolist()
@@ -204,16 +216,18 @@ def load(lo: Loader, name: str) -> pa.Table:
         cols["from_end"] += [T_dst[r] - 1 - int(x) if x >= 0 else None for r, x in zip(direction, dpos, strict=True)]
         for r_, x, y in zip(direction.tolist(), dpos.tolist(), spos.tolist(), strict=True):
             d, s = int(prompts[r_, 1]), int(prompts[r_, 0])
-            cols["dst_role"].append(ROLE_NAMES[int(roles_[d][x])] if x >= 0 else None)
-            cols["dst_token"].append(toks(d)[x] if x >= 0 else None)
-            cols["src_token"].append(toks(s)[y] if y >= 0 else None)
+            cols["dst_role"].append(pr.role(d, x) if x >= 0 else None)
+            cols["dst_token"].append(pr.tokens(d)[x] if x >= 0 else None)
+            cols["src_token"].append(pr.tokens(s)[y] if y >= 0 else None)
         for fld in (PT.TARGET_LOGIT, PT.TARGET_PROB, PT.LOGIT_DIFF, PT.RECOVERY, PT.KL_SOURCE, PT.KL_DEST,
                     PT.TOP1_ID, PT.ATTRIBUTION):
             cols[fld.name] += f[fld.name][()].tolist()
-        cols["ld_change"] += (ldiff - ld_d[direction]).tolist()
+        cols["ld_change"] += (f[PT.LOGIT_DIFF.name][()] - ld_d[direction]).tolist()
         cols["top1_text"] += lo.text(f[PT.TOP1_ID.name][()])
-        cols["attribution_recovery"] += (att / denom).tolist()
-    return table(_BY_NAME[name], lo.d_model, cols)
+        cols["attribution_recovery"] += (f[PT.ATTRIBUTION.name][()] / (ld_s - ld_d)[direction]).tolist()
+    return table(_BY_NAME["patching"], lo.d_model, cols)
 
 
-KIND = register(ViewKind("patching", VIEWS, light={v.name: (lambda s, n=v.name: load(s, n)) for v in VIEWS}))
+KIND = register(ViewKind("patching", VIEWS, light={
+    "patching": _patches, "patching_pairs": _pairs, "patching_positions": _positions,
+    "patching_validation": _validation}))
