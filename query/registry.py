@@ -21,7 +21,7 @@ a derived view is SQL over other views (``sql``, ``depends``).
 
 This module imports no kind: kinds import it (downward only; import-linter contracts in
 pyproject.toml keep it so). The core views' loaders are ``query.light``'s own (the only kind
-whose loaders live outside its declaration module).
+whose loaders live outside its module: ``ViewKind.loaders_in``).
 """
 
 from __future__ import annotations
@@ -114,11 +114,16 @@ class View:
 
 @dataclass(frozen=True)
 class ViewKind:
-    """One experiment kind's views, and the loaders of those that are light (by view name)."""
+    """One experiment kind's views, and the loaders of those that are light (by view name).
+
+    ``loaders_in`` names the module that holds the loaders instead, when that is not the kind's
+    own (only the core kind: ``query.light``); otherwise every light view needs its loader here.
+    """
 
     name: str
     views: tuple[View, ...]
     light: Mapping[str, Loader] = field(default_factory=dict)
+    loaders_in: str | None = None
 
 
 _KINDS: list[ViewKind] = []
@@ -136,6 +141,10 @@ def register(kind: ViewKind) -> ViewKind:
     if stray := sorted(n for n in kind.light if n not in mine or not mine[n].is_light):
         raise ValueError(f"view kind {kind.name!r}: loaders for views that are not its light views: "
                          f"{', '.join(stray)}")
+    unread = [v.name for v in kind.views if v.is_light and v.name not in kind.light]
+    if unread and kind.loaders_in is None:
+        raise ValueError(f"view kind {kind.name!r}: light views without a loader: {', '.join(unread)} "
+                         "(give each a function of Shards in ViewKind(light=...))")
     _KINDS.append(kind)
     return kind
 

@@ -1,8 +1,10 @@
-"""Every documented view: the experiment kinds, imported in catalogue order, each registering its
-views into ``query.registry`` (how to add a kind: that module's docstring).
+"""Every documented view: the experiment kinds, each registering its views into
+``query.registry`` from its own module here (how to add a kind: ``query.registry``'s docstring).
 
-A kind's module is ``query/views/<kind>.py``; it imports the registry and the shared columns,
-never another kind or this package's consumers (warehouse, export, light, heavy).
+A kind's module is ``query/views/<kind>.py``; it imports the registry and the shared columns
+(``query.columns``), never another kind nor a reader of views (warehouse, export, light,
+heavy). This package imports every kind and lists them in the README catalogue's order;
+the readers import ``VIEWS``, ``VIEW_BY_NAME`` and ``LOADERS`` from here.
 """
 
 from __future__ import annotations

@@ -200,4 +200,4 @@ FROM logit_lens GROUP BY prompt""",
                                      Axis("key_pos", role="key_role", narrows=False)),
                    "weight", causal=("query_pos", "key_pos"))),
 )
-KIND = register(ViewKind("core", VIEWS))  # loaders: query.light
+KIND = register(ViewKind("core", VIEWS, loaders_in="query.light"))

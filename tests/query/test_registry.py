@@ -51,11 +51,12 @@ def test_a_new_kind_joins_the_catalogue_where_listed(fresh: list[ViewKind]) -> N
 
 
 @pytest.mark.parametrize(("kind", "message"), [
-    (ViewKind("sinks", (_light("other"),)), "registered twice"),
-    (ViewKind("new", (_light("prompts"),)), "already taken: prompts"),
-    (ViewKind("new", (_light("a"), _light("a"))), "already taken: a"),
-    (ViewKind("new", (_light("a"),), light={"b": print}), "not its light views: b"),
+    (ViewKind("sinks", (_light("other"),), loaders_in="elsewhere"), "registered twice"),
+    (ViewKind("new", (_light("prompts"),), loaders_in="elsewhere"), "already taken: prompts"),
+    (ViewKind("new", (_light("a"), _light("a")), loaders_in="elsewhere"), "already taken: a"),
+    (ViewKind("new", (_light("a"),), light={"a": print, "b": print}), "not its light views: b"),
     (ViewKind("new", (View("d", "derived", (PROMPT,), sql="SELECT 1"),), light={"d": print}), "not its light views: d"),
+    (ViewKind("new", (_light("a"), _light("b")), light={"a": print}), "light views without a loader: b"),
 ])
 def test_register_refuses(fresh: list[ViewKind], kind: ViewKind, message: str) -> None:
     with pytest.raises(ValueError, match=message):
