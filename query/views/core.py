@@ -53,17 +53,13 @@ UNIT = (
 )
 
 
-def _cols(*cols: Column) -> tuple[Column, ...]:
-    return tuple(cols)
-
-
 _TOKEN_AXIS = Axis("position", role="role")
 # Per block and token position (attn_out, mlp_out, head_out_all): the columns, and the dataset's leading axes.
 _BLOCK_POSITION = (PROMPT, BLOCK, POSITION, ROLE)
 _BLOCK_POSITION_AXES = (Axis("layer"), _TOKEN_AXIS)
 
 VIEWS: tuple[View, ...] = (
-    View("prompts", "one row per prompt: its word, template, target token and the model's answer", _cols(
+    View("prompts", "one row per prompt: its word, template, target token and the model's answer", (
         PROMPT.doc_as("prompt index (shard number)"),
         WORD,
         Column("template_index", T.INTEGER, "template number in the manifest"),
@@ -85,27 +81,27 @@ VIEWS: tuple[View, ...] = (
         Column("echo_correct", T.BOOLEAN, "the continuation starts with the word (any case; quotes, punctuation aside)"),
         Column("echo_exact", T.BOOLEAN, "the continuation is the word and nothing else (any case)"),
     )),
-    View("tokens", "one row per prompt token", _cols(
+    View("tokens", "one row per prompt token", (
         PROMPT, POSITION.doc_as("token position (0 = first)"), TOKEN_ID,
         TOKEN_TEXT.doc_as("token decoded on its own"),
         ROLE.doc_as("store.schema.Role: 0 first, 1 template, 2 word, 3 suffix, 4 last (first and last win)"),
         Column("role_name", T.VARCHAR, "'first', 'template', 'word', 'suffix', 'last'"),
         Column("in_word", T.BOOLEAN, "the token is part of the word (also when its role is 'last' or 'first')"),
     )),
-    View("generations", "the greedy continuation, one row per generated token", _cols(
+    View("generations", "the greedy continuation, one row per generated token", (
         PROMPT, Column("step", T.INTEGER, "0 = first generated token"), TOKEN_ID, TOKEN_TEXT,
     )),
-    View("logit_lens", "target logit, probability and rank under the logit lens at the last position", _cols(
+    View("logit_lens", "target logit, probability and rank under the logit lens at the last position", (
         PROMPT, BOUNDARY, RESID_LAYER,
         Column("target_logit", T.FLOAT, "target logit"),
         Column("target_prob", T.FLOAT, "target probability"),
         Column("target_rank", T.INTEGER, "target rank (0 = top-1)"),
     )),
-    View("lens_topk", "logit-lens top-k tokens per layer at the last position", _cols(
+    View("lens_topk", "logit-lens top-k tokens per layer at the last position", (
         PROMPT, BOUNDARY.doc_as("residual boundary"), RESID_LAYER, K, TOKEN_ID, TOKEN_TEXT,
         Column("logit", T.FLOAT, "logit"), Column("prob", T.FLOAT, "softmax probability"),
     )),
-    View("dla", "direct logit attribution to the target, per component", _cols(
+    View("dla", "direct logit attribution to the target, per component", (
         PROMPT, BLOCK.doc_as("block index (-1 for the embedding)"),
         Column("component", T.VARCHAR, "'embed', 'head', 'attn_bias' or 'mlp'"),
         HEAD.doc_as("head index for component 'head', else NULL"),
@@ -113,7 +109,7 @@ VIEWS: tuple[View, ...] = (
     )),
     View("ablation", "per-unit ablation results at the last position (empty when not extracted); every "
          "number is relative to one clean reference, the ablation engine's own clean forward "
-         "(clean_* columns), not prompts.top1_id/target_logit (the HF forward; in bfloat16 they differ)", _cols(
+         "(clean_* columns), not prompts.top1_id/target_logit (the HF forward; in bfloat16 they differ)", (
         PROMPT, MODE, BLOCK.doc_as("block index of the ablated unit"), *UNIT,
         Column("target_logit", T.FLOAT, "target logit after ablation"),
         Column("target_prob", T.FLOAT, "target probability after ablation"),
@@ -132,20 +128,20 @@ VIEWS: tuple[View, ...] = (
         Column("top1_changed", T.BOOLEAN, "top1_id <> clean_top1_id: the ablation changes the answer"),
         Column("rank_change", T.INTEGER, "target_rank - clean_target_rank (> 0: the target fell)"),
     )),
-    View("ablation_topk", "top-k tokens after each ablation (empty when not extracted)", _cols(
+    View("ablation_topk", "top-k tokens after each ablation (empty when not extracted)", (
         PROMPT, MODE, BLOCK, *UNIT, K.doc_as("rank (0 = top-1)"), TOKEN_ID, TOKEN_TEXT,
         Column("logit", T.FLOAT, "logit after ablation"),
     )),
-    View("validation", "invariant checks per prompt", _cols(
+    View("validation", "invariant checks per prompt", (
         PROMPT,
         Column("invariant", T.VARCHAR, "invariant name (store.schema.INVARIANTS)"),
         *INVARIANT_CHECK,
     )),
-    View("manifest", "run metadata, one row per top-level manifest key", _cols(
+    View("manifest", "run metadata, one row per top-level manifest key", (
         Column("key", T.VARCHAR, "manifest key (model, config, prompts, templates, timings, ...)"),
         Column("value", T.VARCHAR, "its value as JSON text (use json_extract on it)"),
     )),
-    View("models", "the model of the warehouse, one row (one per warehouse in a comparison)", _cols(
+    View("models", "the model of the warehouse, one row (one per warehouse in a comparison)", (
         Column("model", T.VARCHAR, "the model's label: the --model it was extracted with (a local path by its last "
                "component) or the LABEL of -w LABEL=DIR; the `model` column of a comparison"),
         Column("model_id", T.VARCHAR, "--model as given to the extraction"),
@@ -160,13 +156,13 @@ VIEWS: tuple[View, ...] = (
         Column("schema_version", T.INTEGER, "warehouse schema version"),
         Column("warehouse", T.VARCHAR, "the warehouse directory"),
     )),
-    View("heads", "query heads of the model and the KV head each reads (GQA)", _cols(
+    View("heads", "query heads of the model and the KV head each reads (GQA)", (
         HEAD, Column("kv_group", T.INTEGER, "KV head it reads"),
     )),
-    View("vocab", "every token id and its text", _cols(TOKEN_ID, TOKEN_TEXT.doc_as("token decoded on its own"))),
+    View("vocab", "every token id and its text", (TOKEN_ID, TOKEN_TEXT.doc_as("token decoded on its own"))),
     View(
         "emergence", "per prompt, the first layer from which the target stays top-1 to the end",
-        _cols(PROMPT, Column("emergence_layer", T.INTEGER, "smallest layer with target_rank = 0 at it and every "
+        (PROMPT, Column("emergence_layer", T.INTEGER, "smallest layer with target_rank = 0 at it and every "
                              "later layer; NULL if the final top-1 is not the target")),
         depends=("logit_lens",),
         sql="""
@@ -176,24 +172,24 @@ SELECT prompt,
        ::INTEGER AS emergence_layer
 FROM logit_lens GROUP BY prompt""",
     ),
-    View("resid", "residual stream vectors, every boundary and position", _cols(
+    View("resid", "residual stream vectors, every boundary and position", (
         PROMPT, BOUNDARY.doc_as("0 = embeddings, l = input of block l, L = last block output"), RESID_LAYER,
         POSITION, ROLE.doc_as("role of the position (4 = last)"), vec("the residual vector"),
     ), heavy=Heavy(F.RESID, (Axis("boundary", minus_one="layer"), _TOKEN_AXIS), "vec")),
-    View("attn_out", "attention block outputs, every layer and position", _cols(
+    View("attn_out", "attention block outputs, every layer and position", (
         *_BLOCK_POSITION, vec("attention block output"),
     ), heavy=Heavy(F.ATTN_OUT, _BLOCK_POSITION_AXES, "vec")),
-    View("mlp_out", "MLP block outputs, every layer and position", _cols(
+    View("mlp_out", "MLP block outputs, every layer and position", (
         *_BLOCK_POSITION, vec("MLP block output"),
     ), heavy=Heavy(F.MLP_OUT, _BLOCK_POSITION_AXES, "vec")),
-    View("head_out", "per-head outputs at the last position", _cols(
+    View("head_out", "per-head outputs at the last position", (
         PROMPT, BLOCK, HEAD, vec("the head's output (its o_proj input slice times its W_O slice)"),
     ), heavy=Heavy(F.HEAD_OUT, (Axis("layer"), Axis("head")), "vec")),
     View("head_out_all", "per-head outputs at every position; empty unless extracted with "
-         "--head-out-all-positions", _cols(
+         "--head-out-all-positions", (
         *_BLOCK_POSITION, HEAD, vec("the head's output at that position"),
     ), heavy=Heavy(F.HEAD_OUT_ALL, (*_BLOCK_POSITION_AXES, Axis("head")), "vec", optional=True)),
-    View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos)", _cols(
+    View("attention", "attention weights in long form, causal entries only (key_pos <= query_pos)", (
         PROMPT, BLOCK, HEAD,
         QUERY_POS, KEY_POS, QUERY_ROLE, KEY_ROLE, Column("weight", T.FLOAT, "attention weight"),
     ), heavy=Heavy(F.ATTN_PATTERN, (Axis("layer"), Axis("head"), Axis("query_pos", role="query_role"),
