@@ -10,23 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from query.shards import Shards
-from query.views import ROLE_NAMES, SINK_MODES, VIEW_BY_NAME, View, arrow_schema
+from query.views import LOADERS, ROLE_NAMES, SINK_MODES, VIEW_BY_NAME, arrow_schema, table
 from store import A, F, M
 from store.schema import ABLATION_DIR
-
-
-def table(view: View, d_model: int, cols: Mapping[str, Any]) -> pa.Table:
-    """An Arrow table in the view's exact column order and types."""
-    schema = arrow_schema(view, d_model)
-    arrays = []
-    for f in schema:
-        v = cols[f.name]
-        if isinstance(f.type, pa.FixedSizeListType):
-            flat = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), f.type.list_size))
-        else:
-            arrays.append(pa.array(v, type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _empty(name: str) -> dict[str, list]:
@@ -281,12 +267,5 @@ LIGHT: dict[str, Callable[[Shards], pa.Table]] = {
     "heads": _heads, "vocab": _vocab,
 }
 
-# Activation-patching views (query.patching_views) read their own shards.
-from query import patching_views  # noqa: E402
-
-LIGHT.update({name: (lambda s, n=name: patching_views.load(s, n)) for name in patching_views.NAMES})
-
-# Attention-sink views stored per prompt (query.sink_views).
-from query import sink_views  # noqa: E402
-
-LIGHT.update(sink_views.LIGHT)
+# The light views of every other kind, registered with their declarations (query.registry).
+LIGHT.update(LOADERS)

@@ -1,10 +1,10 @@
 """Attention-sink views: head norms, norm-weighted attention, the residual's largest values and
 the logit lens at position 0 (stored by extract.sinks; README "Attention sinks").
 
-Declared like every other view and registered by ``query.views`` (its last lines); the three
-stored ones are light views (``query.light.LIGHT``), the two norm-weighted ones are derived SQL
-over ``attention`` and ``head_norms``, so DuckDB pushes their filters into the attention scan. A
-warehouse extracted before these captures has none of the datasets: its sink views are empty,
+Declared like every other view and registered as the kind ``sinks`` (this module's last
+line); the three stored ones are light views read by the loaders below, the two norm-weighted
+ones are derived SQL over ``attention`` and ``head_norms``, so DuckDB pushes their filters into
+the attention scan. A warehouse extracted before these captures has none of the datasets: its sink views are empty,
 never an error.
 
 Norm-weighted attention (Kobayashi et al. 2020) is computed here, not stored: key j's part of
@@ -19,19 +19,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from query.columns import (
+    BLOCK,
+    BOUNDARY,
+    HEAD,
+    KEY_POS,
+    KEY_ROLE,
+    POSITION,
+    PROMPT,
+    QUERY_POS,
+    QUERY_ROLE,
+    RESID_LAYER,
+    ROLE,
+    TOKEN_ID,
+    TOKEN_TEXT,
+    Column,
+    K,
+    T,
+)
+from query.registry import View, ViewKind, arrow_schema, register, table
 from store import F, M
 
 if TYPE_CHECKING:
     from query.shards import Shards
 
-_LAYER = "layer INTEGER | residual after block `layer` (= boundary - 1; -1 = embeddings)"
-
-
-def _c(spec: str) -> tuple:
-    from query.views import columns_from_spec  # query.views imports this module: bind late
-
-    return columns_from_spec(spec)
-
+_FIRST_ROLE = ROLE.doc_as("role of the position (0 = first)")
 
 _NORMED = """
 SELECT a.prompt, a.layer, a.head, a.query_pos, a.key_pos, a.query_role, a.key_role, a.weight,
@@ -42,74 +54,55 @@ SELECT a.prompt, a.layer, a.head, a.query_pos, a.key_pos, a.query_role, a.key_ro
 FROM attention a JOIN head_norms n
   ON n.prompt = a.prompt AND n.layer = a.layer AND n.head = a.head AND n.position = a.key_pos"""
 
-
-def views() -> tuple:
-    from query.views import View
-
-    return (
+VIEWS: tuple[View, ...] = (
     View("head_norms", "per layer, query head and position: value, value-contribution, key and query norms "
-         "(empty for warehouses extracted before these captures)", _c("""
-prompt INTEGER | prompt index
-layer INTEGER | block index
-head INTEGER | query head
-kv_group INTEGER | KV head it reads (GQA): key_norm and value_norm are that head's
-position INTEGER | token position
-role TINYINT | role of the position (0 = first)
-value_norm FLOAT | ||v_j||, the value vector at this position
-value_out_norm FLOAT | ||v_j W_O^h||: what the head writes per unit of attention on this position (sandwich norms: times the post-attention gain)
-key_norm FLOAT | ||k_j|| (after q/k norm and RoPE, before the score scale)
-query_norm FLOAT | ||q_j|| of this head's query at this position""")),
+         "(empty for warehouses extracted before these captures)", (
+        PROMPT, BLOCK, HEAD,
+        Column("kv_group", T.INTEGER, "KV head it reads (GQA): key_norm and value_norm are that head's"),
+        POSITION, _FIRST_ROLE,
+        Column("value_norm", T.FLOAT, "||v_j||, the value vector at this position"),
+        Column("value_out_norm", T.FLOAT, "||v_j W_O^h||: what the head writes per unit of attention on this "
+               "position (sandwich norms: times the post-attention gain)"),
+        Column("key_norm", T.FLOAT, "||k_j|| (after q/k norm and RoPE, before the score scale)"),
+        Column("query_norm", T.FLOAT, "||q_j|| of this head's query at this position"),
+    )),
     View("resid_top", "the residual's largest |values| per boundary and position, with their dimensions "
-         "and medians (massive activations; empty before these captures)", _c(f"""
-prompt INTEGER | prompt index
-boundary INTEGER | residual boundary (0 = embeddings, l = input of block l, L = last output)
-{_LAYER}
-position INTEGER | token position
-role TINYINT | role of the position (0 = first)
-k INTEGER | rank by |value| (0 = largest)
-dim INTEGER | residual dimension
-value FLOAT | its value (signed)
-median_abs FLOAT | median |value| of this position's residual vector
-median_abs_all FLOAT | median |value| of the boundary's whole hidden state, every position and dimension (Sun et al.'s reference)""")),
-    View("lens_first", "logit-lens top-k tokens per layer at position 0 (empty before these captures)", _c(f"""
-prompt INTEGER | prompt index
-boundary INTEGER | residual boundary
-{_LAYER}
-k INTEGER | rank within the top-k (0 = top-1)
-token_id INTEGER | token id
-token_text VARCHAR | token text
-logit FLOAT | logit
-prob FLOAT | softmax probability""")),
+         "and medians (massive activations; empty before these captures)", (
+        PROMPT, BOUNDARY, RESID_LAYER, POSITION, _FIRST_ROLE,
+        K.doc_as("rank by |value| (0 = largest)"),
+        Column("dim", T.INTEGER, "residual dimension"),
+        Column("value", T.FLOAT, "its value (signed)"),
+        Column("median_abs", T.FLOAT, "median |value| of this position's residual vector"),
+        Column("median_abs_all", T.FLOAT, "median |value| of the boundary's whole hidden state, every position "
+               "and dimension (Sun et al.'s reference)"),
+    )),
+    View("lens_first", "logit-lens top-k tokens per layer at position 0 (empty before these captures)", (
+        PROMPT, BOUNDARY.doc_as("residual boundary"), RESID_LAYER, K, TOKEN_ID, TOKEN_TEXT,
+        Column("logit", T.FLOAT, "logit"),
+        Column("prob", T.FLOAT, "softmax probability"),
+    )),
     View("attention_norm", "norm-weighted attention in long form, causal entries only: each key's "
-         "weight beside its share of the head's output norm (derived from attention and head_norms)", _c("""
-prompt INTEGER | prompt index
-layer INTEGER | block index
-head INTEGER | query head
-query_pos INTEGER | query position
-key_pos INTEGER | key position
-query_role TINYINT | role of the query position (4 = last)
-key_role TINYINT | role of the key position (0 = first)
-weight FLOAT | attention weight a_ij
-value_out_norm FLOAT | ||v_j W_O^h|| of the key
-norm_share FLOAT | a_ij ||v_j W_O^h|| / sum over keys of the same: the key's share of the head's output norm"""),
-        depends=("attention", "head_norms"), sql=_NORMED),
+         "weight beside its share of the head's output norm (derived from attention and head_norms)", (
+        PROMPT, BLOCK, HEAD, QUERY_POS, KEY_POS, QUERY_ROLE, KEY_ROLE,
+        Column("weight", T.FLOAT, "attention weight a_ij"),
+        Column("value_out_norm", T.FLOAT, "||v_j W_O^h|| of the key"),
+        Column("norm_share", T.FLOAT, "a_ij ||v_j W_O^h|| / sum over keys of the same: the key's share of the "
+               "head's output norm"),
+    ), depends=("attention", "head_norms"), sql=_NORMED),
     View("first_token_share", "per head and query position: attention weight on position 0 beside the share "
          "of the head's output norm that comes from it (norm-weighted attention; derived from attention "
-         "and head_norms)", _c("""
-prompt INTEGER | prompt index
-layer INTEGER | block index
-head INTEGER | query head
-query_pos INTEGER | query position
-query_role TINYINT | role of the query position (4 = last)
-weight_first FLOAT | attention weight on position 0, a_i0
-norm_share_first FLOAT | a_i0 ||v_0 W_O^h|| / sum_j a_ij ||v_j W_O^h||: position 0's share of what the head writes"""),
-        depends=("attention_norm",),
-        sql="""
+         "and head_norms)", (
+        PROMPT, BLOCK, HEAD, QUERY_POS, QUERY_ROLE,
+        Column("weight_first", T.FLOAT, "attention weight on position 0, a_i0"),
+        Column("norm_share_first", T.FLOAT, "a_i0 ||v_0 W_O^h|| / sum_j a_ij ||v_j W_O^h||: position 0's share "
+               "of what the head writes"),
+    ), depends=("attention_norm",), sql="""
 SELECT prompt, layer, head, query_pos, any_value(query_role) AS query_role,
        max(weight) FILTER (WHERE key_pos = 0) AS weight_first,
        max(norm_share) FILTER (WHERE key_pos = 0) AS norm_share_first
 FROM attention_norm GROUP BY prompt, layer, head, query_pos"""),
-    )
+)
+_BY_NAME = {v.name: v for v in VIEWS}
 
 
 def _collect(parts: dict[str, list], cols: dict[str, Any]) -> None:
@@ -118,10 +111,7 @@ def _collect(parts: dict[str, list], cols: dict[str, Any]) -> None:
 
 
 def _finish(s: Shards, name: str, parts: dict[str, list]) -> pa.Table:
-    from query.light import table
-    from query.views import VIEW_BY_NAME, arrow_schema
-
-    view = VIEW_BY_NAME[name]
+    view = _BY_NAME[name]
     if not parts:
         return arrow_schema(view, s.d_model).empty_table()
     return table(view, s.d_model, {k: np.concatenate(v) for k, v in parts.items()})
@@ -178,4 +168,5 @@ def lens_first(s: Shards) -> pa.Table:
     return _finish(s, "lens_first", parts)
 
 
-LIGHT = {"head_norms": head_norms, "resid_top": resid_top, "lens_first": lens_first}
+KIND = register(ViewKind("sinks", VIEWS, light={"head_norms": head_norms, "resid_top": resid_top,
+                                                 "lens_first": lens_first}))
