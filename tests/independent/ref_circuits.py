@@ -2,9 +2,9 @@
 
 Written from the spec alone (no project code), with torch + transformers only: every number comes
 from the Hugging Face model's own forward, with forward hooks / forward pre-hooks that
-  * record each upstream node's output (input = what block 0 receives; a{l}.h{h} = the head's
-    share of the attention block output; m{l} = the MLP block output),
-  * give every downstream input its own residual copy (q per head, k / v per KV group, m{l},
+  * record each upstream node's output (input = what block 0 receives; a{li}.h{h} = the head's
+    share of the attention block output; m{li} = the MLP block output),
+  * give every downstream input its own residual copy (q per head, k / v per KV group, m{li},
     logits), so that a circuit can patch edges per receiver and autograd can differentiate per
     receiver,
   * optionally overwrite a group of upstream outputs (EAP-IG over activations, IG over inputs).
@@ -51,19 +51,19 @@ def shape_of(config) -> Shape:
 def upstream_nodes(config) -> list[str]:
     s = shape_of(config)
     out = ["input"]
-    for l in range(s.L):
-        out += [f"a{l}.h{h}" for h in range(s.H)] + [f"m{l}"]
+    for li in range(s.L):
+        out += [f"a{li}.h{h}" for h in range(s.H)] + [f"m{li}"]
     return out
 
 
 def downstream_nodes(config) -> list[str]:
     s = shape_of(config)
     out = []
-    for l in range(s.L):
-        out += [f"a{l}.h{h}<q>" for h in range(s.H)]
-        out += [f"a{l}.h{g}<k>" for g in range(s.KV)]
-        out += [f"a{l}.h{g}<v>" for g in range(s.KV)]
-        out += [f"m{l}"]
+    for li in range(s.L):
+        out += [f"a{li}.h{h}<q>" for h in range(s.H)]
+        out += [f"a{li}.h{g}<k>" for g in range(s.KV)]
+        out += [f"a{li}.h{g}<v>" for g in range(s.KV)]
+        out += [f"m{li}"]
     return out + ["logits"]
 
 
@@ -71,10 +71,10 @@ def _n_upstream_before(s: Shape, d: str) -> int:
     """How many upstream nodes (in upstream order) feed downstream input d."""
     if d == "logits":
         return 1 + s.L * (s.H + 1)
-    l = int(d[1:].split(".")[0].split("<")[0])
+    li = int(d[1:].split(".")[0].split("<")[0])
     if d.startswith("m"):
-        return 1 + l * (s.H + 1) + s.H
-    return 1 + l * (s.H + 1)
+        return 1 + li * (s.H + 1) + s.H
+    return 1 + li * (s.H + 1)
 
 
 def upstream_of(config, d: str) -> list[str]:
@@ -90,7 +90,7 @@ def edges(config) -> list[tuple[str, str]]:
 
 def edge_count_formula(config) -> int:
     s = shape_of(config)
-    n = sum((s.H + 2 * s.KV) * (1 + l * (s.H + 1)) + (1 + l * (s.H + 1) + s.H) for l in range(s.L))
+    n = sum((s.H + 2 * s.KV) * (1 + li * (s.H + 1)) + (1 + li * (s.H + 1) + s.H) for li in range(s.L))
     return n + 1 + s.L * (s.H + 1)
 
 
@@ -173,13 +173,13 @@ def run(model, ids: torch.Tensor, plan: _Plan | None = None) -> Trace:
         outs[name] = value
         return value
 
-    for l, layer in enumerate(layers):
+    for li, layer in enumerate(layers):
         attn = layer.self_attn
         cache: dict[str, torch.Tensor] = {}
 
-        def pre_layer(mod, args, kwargs, l=l, layer=layer, cache=cache):
+        def pre_layer(mod, args, kwargs, li=li, layer=layer, cache=cache):
             x = _hidden_arg(args, kwargs)[0]  # (T, D)
-            if l == 0:
+            if li == 0:
                 x = set_out("input", x)
                 if plan.track:
                     x = x.detach().requires_grad_(True)
@@ -187,7 +187,7 @@ def run(model, ids: torch.Tensor, plan: _Plan | None = None) -> Trace:
             norm = layer.input_layernorm
             for kind, n in (("q", s.H), ("k", s.KV), ("v", s.KV)):
                 for i in range(n):
-                    cache[f"{kind}{i}"] = norm(copy_for(f"a{l}.h{i}<{kind}>", x))  # (T, D)
+                    cache[f"{kind}{i}"] = norm(copy_for(f"a{li}.h{i}<{kind}>", x))  # (T, D)
             return _with_hidden(args, kwargs, x.unsqueeze(0))
 
         def proj(lin, kind, n, offset=0, cache=cache):
@@ -213,7 +213,7 @@ def run(model, ids: torch.Tensor, plan: _Plan | None = None) -> Trace:
         if sandwich and attn.o_proj.bias is not None:
             raise ValueError("sandwich-norm model with an o_proj bias: heads are not defined (spec refuses it)")
 
-        def o_hook(mod, args, out, l=l, layer=layer, sandwich=sandwich):
+        def o_hook(mod, args, out, li=li, layer=layer, sandwich=sandwich):
             z = args[0][0]  # (T, H*hd)
             o = out[0]  # (T, D)
             factor = _rms_gain_scale(layer.post_attention_layernorm, o) if sandwich else None
@@ -223,25 +223,25 @@ def run(model, ids: torch.Tensor, plan: _Plan | None = None) -> Trace:
                 a = z[:, sl] @ mod.weight[:, sl].T  # (T, D)
                 if sandwich:
                     a = a * factor
-                heads.append(set_out(f"a{l}.h{h}", a))
-            if any(f"a{l}.h{h}" in plan.override for h in range(s.H)) and not sandwich:
+                heads.append(set_out(f"a{li}.h{h}", a))
+            if any(f"a{li}.h{h}" in plan.override for h in range(s.H)) and not sandwich:
                 total = torch.stack(heads).sum(0)
                 return (total + (mod.bias if mod.bias is not None else 0)).unsqueeze(0)
             return None
 
         handles.append(attn.o_proj.register_forward_hook(o_hook))
         if sandwich:
-            def post_attn_hook(mod, args, out, l=l):
-                if any(f"a{l}.h{h}" in plan.override for h in range(s.H)):
-                    return torch.stack([outs[f"a{l}.h{h}"] for h in range(s.H)]).sum(0).unsqueeze(0)
+            def post_attn_hook(mod, args, out, li=li):
+                if any(f"a{li}.h{h}" in plan.override for h in range(s.H)):
+                    return torch.stack([outs[f"a{li}.h{h}"] for h in range(s.H)]).sum(0).unsqueeze(0)
                 return None
             handles.append(layer.post_attention_layernorm.register_forward_hook(post_attn_hook))
 
-        def mlp_in_hook(mod, args, l=l):
-            return (copy_for(f"m{l}", args[0][0]).unsqueeze(0),)
+        def mlp_in_hook(mod, args, li=li):
+            return (copy_for(f"m{li}", args[0][0]).unsqueeze(0),)
 
-        def mlp_out_hook(mod, args, out, l=l):
-            return set_out(f"m{l}", out[0]).unsqueeze(0)
+        def mlp_out_hook(mod, args, out, li=li):
+            return set_out(f"m{li}", out[0]).unsqueeze(0)
 
         handles.append(_mlp_in_norm(layer).register_forward_pre_hook(mlp_in_hook))
         handles.append(_mlp_out_module(layer).register_forward_hook(mlp_out_hook))
@@ -250,7 +250,7 @@ def run(model, ids: torch.Tensor, plan: _Plan | None = None) -> Trace:
     handles.append(final_norm.register_forward_pre_hook(
         lambda mod, args: (copy_for("logits", args[0][0]).unsqueeze(0),)))
     try:
-        logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits  # (1, T, V)
+        logits = model(input_ids=ids.to(model.device).unsqueeze(0), use_cache=False).logits  # (1, T, V)
     finally:
         for h in handles:
             h.remove()
@@ -268,8 +268,8 @@ def _plain(model, ids) -> Trace:
 def answer_tokens(model, clean_ids: torch.Tensor, corr_ids: torch.Tensor) -> tuple[int, int]:
     assert clean_ids.shape == corr_ids.shape and clean_ids.dim() == 1, "pairs are 1-D and equal length"
     with torch.no_grad():
-        lc = model(input_ids=clean_ids.unsqueeze(0), use_cache=False).logits[0, -1]
-        lk = model(input_ids=corr_ids.unsqueeze(0), use_cache=False).logits[0, -1]
+        lc = model(input_ids=clean_ids.to(model.device).unsqueeze(0), use_cache=False).logits[0, -1]
+        lk = model(input_ids=corr_ids.to(model.device).unsqueeze(0), use_cache=False).logits[0, -1]
     tc, tk = int(lc.argmax()), int(lk.argmax())
     if tc != tk:
         return tc, tk
@@ -318,7 +318,7 @@ def _grads(model, p: _Pair, metric: str, override: dict[str, torch.Tensor]) -> d
         m = _M(model, p, tr.logits_last, metric)
         names = list(tr.inputs)
         gs = torch.autograd.grad(m, [tr.inputs[d] for d in names], allow_unused=True)
-    return {d: (torch.zeros_like(tr.inputs[d]) if g is None else g.detach()) for d, g in zip(names, gs)}
+    return {d: (torch.zeros_like(tr.inputs[d]) if g is None else g.detach()) for d, g in zip(names, gs, strict=True)}
 
 
 def _mean_grads(model, p, metric, overrides: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -330,7 +330,7 @@ def _mean_grads(model, p, metric, overrides: list[dict[str, torch.Tensor]]) -> d
 
 
 def _group_of(u: str) -> str:
-    return u.split(".")[0]  # 'input', 'a{l}', 'm{l}'
+    return u.split(".")[0]  # 'input', 'a{li}', 'm{li}'
 
 
 def edge_scores(model, clean_ids, corr_ids, metric: str, method: str, steps: int = 5
@@ -444,7 +444,9 @@ def faithfulness_curve(model, clean_ids, corr_ids, scores: dict, metric: str, se
         m_corr = float(_M(model, p, p.corr.logits_last, metric))
     else:
         m_corr = _circuit_M(model, p, set(), metric, repl)
-    sign = float(math.copysign(1.0, m_clean - m_corr)) if m_clean != m_corr else 0.0
+    if m_clean == m_corr:
+        raise ValueError("M(clean) == M(corrupted): faithfulness is undefined for this pair; drop the pair")
+    sign = math.copysign(1.0, m_clean - m_corr)
     xs, fs, ks = [0.0], [0.0], [0]
     for x in FRACTIONS:
         k = max(1, round(x * n))

@@ -114,28 +114,28 @@ class _Probe:
         """Returns (last-position logits, record) where record holds residuals and block outputs."""
         rec: dict[str, torch.Tensor] = {}
         hs = []
-        for l, layer in enumerate(self.layers):
-            def pre_ln(mod, args, l=l):
-                rec.setdefault(f"x{l}", args[0][0])
+        for li, layer in enumerate(self.layers):
+            def pre_ln(mod, args, li=li):
+                rec.setdefault(f"x{li}", args[0][0])
             hs.append(layer.input_layernorm.register_forward_pre_hook(pre_ln))
 
-            def mlp_in(mod, args, l=l):
+            def mlp_in(mod, args, li=li):
                 x = args[0][0]
-                rec[f"r{l}"] = x
-                if d == f"m{l}":
+                rec[f"r{li}"] = x
+                if d == f"m{li}":
                     return ((x + alpha * delta).unsqueeze(0),)
             hs.append(self._mlp_in(layer).register_forward_pre_hook(mlp_in))
 
-            def attn_out(mod, args, out, l=l):
+            def attn_out(mod, args, out, li=li):
                 bias = 0.0 if self.sandwich or mod.bias is None else mod.bias
-                rec[f"A{l}"] = out[0] - bias  # sum of the heads' outputs
-                if attn_fix is not None and attn_fix[0] == l:
+                rec[f"A{li}"] = out[0] - bias  # sum of the heads' outputs
+                if attn_fix is not None and attn_fix[0] == li:
                     return (attn_fix[1] + bias).unsqueeze(0)
             hs.append(self._attn_out(layer).register_forward_hook(attn_out))
 
-            def mlp_out(mod, args, out, l=l):
-                rec[f"m{l}"] = out[0]
-                if mlp_fix is not None and mlp_fix[0] == l:
+            def mlp_out(mod, args, out, li=li):
+                rec[f"m{li}"] = out[0]
+                if mlp_fix is not None and mlp_fix[0] == li:
                     return mlp_fix[1].unsqueeze(0)
             hs.append(self._mlp_out(layer).register_forward_hook(mlp_out))
         if emb is not None:
@@ -161,10 +161,10 @@ class _Probe:
         return logits, rec
 
     def _qkv_hook(self, d, delta, alpha, rec):
-        l = int(d[1:].split(".")[0])
+        li = int(d[1:].split(".")[0])
         i = int(d.split(".h")[1].split("<")[0])
         kind = d[-2]
-        layer = self.layers[l]
+        layer = self.layers[li]
         s = self.s
         start = {"q": i * s.hd, "k": s.H * s.hd + i * s.hd, "v": (s.H + s.KV) * s.hd + i * s.hd}[kind]
         attn = layer.self_attn
@@ -175,7 +175,7 @@ class _Probe:
             lo = i * s.hd
 
         def hook(mod, args, out):
-            x = rec[f"x{l}"]
+            x = rec[f"x{li}"]
             new = F.linear(layer.input_layernorm(x + alpha * delta), mod.weight, mod.bias)  # (T, out)
             out = out.clone()
             out[0, :, lo:lo + s.hd] = new[:, lo:lo + s.hd]
@@ -224,11 +224,11 @@ def test_hooked_forward_is_the_hf_forward(family, f64):
     assert torch.equal(tr.logits_last, hf)
     s = rc.shape_of(model.config)
     assert torch.equal(tr.outs["input"], rec["x0"])
-    for l in range(s.L):
-        heads = sum(tr.outs[f"a{l}.h{h}"] for h in range(s.H))
-        torch.testing.assert_close(heads, rec[f"A{l}"], rtol=1e-12, atol=1e-12)
-        assert torch.equal(tr.outs[f"m{l}"], rec[f"m{l}"])
-        assert torch.equal(tr.inputs[f"m{l}"], rec[f"r{l}"])
+    for li in range(s.L):
+        heads = sum(tr.outs[f"a{li}.h{h}"] for h in range(s.H))
+        torch.testing.assert_close(heads, rec[f"A{li}"], rtol=1e-12, atol=1e-12)
+        assert torch.equal(tr.outs[f"m{li}"], rec[f"m{li}"])
+        assert torch.equal(tr.inputs[f"m{li}"], rec[f"r{li}"])
     assert torch.equal(tr.inputs["logits"], rec["rL"])
 
 
@@ -311,8 +311,8 @@ def test_faithfulness_curve_sizes_selection_and_trapezoid(f64):
         # one size re-evaluated from a top-k set built here
         k = res["n_edges"][7]
         sign = math.copysign(1.0, res["m_clean"] - res["m_corr"])
-        key = (lambda e: abs(scores[e])) if selection == "abs" else (lambda e: -scores[e] * sign)
-        order = sorted(range(n), key=lambda i: (-key(all_edges[i]), i))
+        keys = [abs(scores[e]) if selection == "abs" else -scores[e] * sign for e in all_edges]
+        order = sorted(range(n), key=lambda i: (-keys[i], i))
         top = {all_edges[i] for i in order[:k]}
         m = rc.circuit_metric(model, clean, corr, top, "ld")
         assert f[7] == pytest.approx((m - res["m_corr"]) / (res["m_clean"] - res["m_corr"]), rel=1e-12)
@@ -320,7 +320,7 @@ def test_faithfulness_curve_sizes_selection_and_trapezoid(f64):
 
 def test_selection_ties_by_edge_index():
     es = [("input", "a"), ("input", "b"), ("input", "c"), ("input", "d")]
-    sc = dict(zip(es, [1.0, -2.0, 2.0, -1.0]))
+    sc = dict(zip(es, [1.0, -2.0, 2.0, -1.0], strict=True))
     assert rc.select_edges(es, sc, 2, "abs", 1.0) == [es[1], es[2]]
     assert rc.select_edges(es, sc, 3, "abs", 1.0) == [es[1], es[2], es[0]]
     assert rc.select_edges(es, sc, 1, "signed", 1.0) == [es[1]]  # -score largest
@@ -428,11 +428,11 @@ def test_scores_match_finite_differences(family, metric, f64):
         if u == "input":
             fix = [dict(emb=lerp(recc["x0"], reck["x0"], k)) for k in ks]
         elif u.startswith("m"):
-            l = int(u[1:])
-            fix = [dict(mlp_fix=(l, lerp(recc[u], reck[u], k))) for k in ks]
+            li = int(u[1:])
+            fix = [dict(mlp_fix=(li, lerp(recc[u], reck[u], k))) for k in ks]
         else:
-            l = int(u[1:].split(".")[0])
-            fix = [dict(attn_fix=(l, lerp(recc[f"A{l}"], reck[f"A{l}"], k))) for k in ks]
+            li = int(u[1:].split(".")[0])
+            fix = [dict(attn_fix=(li, lerp(recc[f"A{li}"], reck[f"A{li}"], k))) for k in ks]
         fd_act = [_fd(model, probe, clean, d, delta, toks, lc, metric, **f) for f in fix]
         assert ig_act[(u, d)] == pytest.approx(sum(fd_act) / steps, **tol)
 
@@ -456,3 +456,46 @@ def test_pairs_must_align():
     model = model_for("llama")
     with pytest.raises(AssertionError):
         rc.answer_tokens(model, torch.arange(1, 6), torch.arange(1, 7))
+
+
+# --------------------------------------------------------------------------- the real models (slow)
+
+
+def _cached(name: str):
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("ECHOWH_CACHE", Path.home() / ".cache" / "echo-warehouse")) / name
+    if not (root / "config.json").exists():
+        pytest.skip(f"{root} not converted yet (run an extraction once)")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_real_model_endpoints_and_node_sums(name, f64):
+    """The embedded models in float64: circuit endpoints and the node-sum invariant on a few inputs."""
+    from transformers import AutoTokenizer
+
+    path = _cached(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float64).eval()
+    rc.exact_float64_norms(model)
+    clean = tok("repeat the following word: cat", return_tensors="pt").input_ids[0]
+    corr = tok("repeat the following word: dog", return_tensors="pt").input_ids[0]
+    assert clean.shape == corr.shape
+    assert len(rc.edges(model.config)) == rc.edge_count_formula(model.config)
+    probe = _Probe(model)
+    toks = rc.answer_tokens(model, clean, corr)
+    with torch.no_grad():
+        lc, _ = probe.forward(clean)
+        lk, _ = probe.forward(corr)
+    m_clean, m_corr = float(lc[toks[0]] - lc[toks[1]]), float(lk[toks[0]] - lk[toks[1]])
+    assert rc.circuit_metric(model, clean, corr, set(rc.edges(model.config)), "ld") == m_clean
+    assert rc.circuit_metric(model, clean, corr, set(), "ld") == pytest.approx(m_corr, rel=1e-9, abs=1e-9)
+    scores = rc.edge_scores(model, clean, corr, "ld", "eap")
+    L = rc.shape_of(model.config).L
+    for d in ["logits", f"m{L - 1}", f"a{L // 2}.h0<k>", f"a{L // 2}.h3<q>", "a1.h0<v>"]:
+        total = sum(v for (u, dd), v in scores.items() if dd == d)
+        want = _node_ap(model, probe, clean, corr, d, "ld", toks, lc)
+        assert total == pytest.approx(want, rel=1e-8, abs=1e-10), d
