@@ -17,8 +17,9 @@ Batch size 1 throughout; tensors are (T, D) unless stated.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -478,3 +479,19 @@ def exact_float64_norms(model) -> None:
             return y * (1.0 + mod.weight) if gemma else mod.weight * y
 
         mod.forward = fwd
+
+
+@contextlib.contextmanager
+def float64_softmax() -> Iterator[None]:
+    """HF eager attention takes softmax(..., dtype=float32); inside this context float64 inputs stay
+    float64 (torch.nn.functional.softmax is swapped for the duration; other dtypes unchanged)."""
+    orig = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        return orig(input, dim=dim, dtype=None if input.dtype == torch.float64 else dtype)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = orig

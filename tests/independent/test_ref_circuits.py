@@ -78,14 +78,10 @@ def model_for(family: str, exact64: bool = True):
 
 
 @pytest.fixture
-def f64(monkeypatch):
+def f64():
     """HF eager attention takes its softmax in float32; keep float64 inputs in float64 (same math)."""
-    orig = torch.nn.functional.softmax
-
-    def softmax(input, dim=None, _stacklevel=3, dtype=None):
-        return orig(input, dim=dim, dtype=None if input.dtype == torch.float64 else dtype)
-
-    monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+    with rc.float64_softmax():
+        yield
 
 
 # --------------------------------------------------------------------------- independent probe
@@ -450,6 +446,34 @@ def test_gemma_with_hf_float32_norms_and_softmax():
     assert rc.circuit_metric(model, clean, corr, all_edges, "ld") == float(lc[toks[0]] - lc[toks[1]])
     m_none = rc.circuit_metric(model, clean, corr, set(), "ld")
     assert m_none == pytest.approx(float(lk[toks[0]] - lk[toks[1]]), rel=1e-5, abs=1e-5)
+
+
+def test_answer_tokens_and_metrics(f64):
+    model = model_for("qwen2")
+    clean, corr = pair()
+    with torch.no_grad():
+        lc = model(input_ids=clean.unsqueeze(0)).logits[0, -1]
+        lk = model(input_ids=corr.unsqueeze(0)).logits[0, -1]
+    top2 = torch.topk(lc, 2).indices.tolist()
+    want = (top2[0], int(lk.argmax())) if int(lk.argmax()) != top2[0] else tuple(top2)
+    assert rc.answer_tokens(model, clean, corr) == want
+    assert rc.answer_tokens(model, clean, clean.clone()) == tuple(top2)  # tops agree: clean's runner-up
+    toks = (3, 5)
+    assert float(rc.metric_value(model, lk, lc, toks, "ld")) == float(lk[3] - lk[5])
+    kl = F.kl_div(F.log_softmax(lk, -1), F.log_softmax(lc, -1), log_target=True, reduction="sum")
+    assert float(rc.metric_value(model, lk, lc, toks, "kl")) == pytest.approx(float(kl), rel=1e-12)
+    assert float(rc.metric_value(model, lc, lc, toks, "kl")) == 0.0
+
+
+def test_kl_eap_scores_vanish_at_the_clean_run(f64):
+    """dKL(p_clean || p)/dlogits = p - p_clean = 0 in the clean forward: every eap score with 'kl' is
+    rounding noise (IG's interpolated forwards are not at the minimum, so theirs are not)."""
+    model = model_for("llama")
+    clean, corr = pair()
+    eap = rc.edge_scores(model, clean, corr, "kl", "eap")
+    assert max(abs(v) for v in eap.values()) < 1e-12
+    ig = rc.edge_scores(model, clean, corr, "kl", "eap_ig_inputs", steps=2)
+    assert max(abs(v) for v in ig.values()) > 1e-3
 
 
 def test_pairs_must_align():
