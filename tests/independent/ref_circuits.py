@@ -82,11 +82,19 @@ def upstream_of(config, d: str) -> list[str]:
     return upstream_nodes(config)[: _n_upstream_before(shape_of(config), d)]
 
 
-def edges(config) -> list[tuple[str, str]]:
-    """All edges, downstream-major (spec's receiver order), senders in upstream order within."""
+def edges(config, order: str = "downstream") -> list[tuple[str, str]]:
+    """All edges. order='downstream' (default): receivers in the spec's order, senders in upstream
+    order within each; order='upstream': senders outer (the row-major flattening of an
+    (n_upstream, n_downstream) score matrix as in EAP-IG's graph.py). Only tie-breaking depends on it."""
     ups = upstream_nodes(config)
     s = shape_of(config)
-    return [(u, d) for d in downstream_nodes(config) for u in ups[: _n_upstream_before(s, d)]]
+    by_down = [(u, d) for d in downstream_nodes(config) for u in ups[: _n_upstream_before(s, d)]]
+    if order == "downstream":
+        return by_down
+    if order == "upstream":
+        rank = {u: i for i, u in enumerate(ups)}
+        return sorted(by_down, key=lambda e: rank[e[0]])  # stable: receivers stay in spec order
+    raise ValueError(f"order {order!r}: use 'downstream' or 'upstream'")
 
 
 def edge_count_formula(config) -> int:
@@ -435,10 +443,11 @@ def select_edges(all_edges, scores, k: int, selection: str, sign: float) -> list
 
 
 def faithfulness_curve(model, clean_ids, corr_ids, scores: dict, metric: str, selection: str,
-                       replacement: str = "patch", means=None) -> dict:
+                       replacement: str = "patch", means=None, edge_order: str = "downstream") -> dict:
+    """f at each size (x = 0 first), CPR and CMD (trapezoids), per the spec; edge_order breaks ties."""
     p = _pair(model, clean_ids, corr_ids)
     repl = _replacement(p, replacement, means)
-    all_edges = edges(model.config)
+    all_edges = edges(model.config, edge_order)
     n = len(all_edges)
     m_clean = float(_M(model, p, p.clean.logits_last, metric))
     if replacement == "patch":

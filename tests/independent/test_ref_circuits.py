@@ -204,6 +204,9 @@ def test_edge_count_and_order():
     assert ("a1.h3", "a1.h0<k>") not in es and ("a0.h3", "a1.h1<v>") in es
     assert ("input", "a1.h1<k>") in es and ("m0", "a1.h2<q>") in es
     assert not any(d == "a0.h2<k>" for _, d in es), "only KV=2 key inputs per layer"
+    up = rc.edges(small, "upstream")
+    assert sorted(up) == sorted(es) and up[0] == ("input", "a0.h0<q>") and up[-1] == ("m1", "logits")
+    assert up[len(rc.downstream_nodes(small)) - 1] == ("input", "logits")  # input feeds every receiver
 
 
 # --------------------------------------------------------------------------- plain forward
