@@ -31,12 +31,11 @@ import torch
 from extract.circuits import engine
 from extract.circuits.graph import Graph, InputKind, graph_of
 from extract.circuits.pairs import CircuitPair
-from extract.circuits.scores import METHODS, METRICS, PairScores, answers, metric_values
+from extract.circuits.scores import PairScores, answers, metric_values
 from extract.families import Adapter
 from extract.prompts import Prompt
+from store.circuits_schema import METHODS, METRICS, SELECTIONS, SIZES
 
-SIZES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-SELECTIONS = ("abs", "signed")
 REPLACEMENTS = ("patch", "mean", "zero")
 
 

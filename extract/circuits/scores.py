@@ -29,9 +29,7 @@ from extract.circuits import engine
 from extract.circuits.graph import Graph, graph_of
 from extract.circuits.pairs import CircuitPair
 from extract.families import Adapter
-
-METHODS = ("eap", "eap_ig_inputs", "eap_ig_activations")
-METRICS = ("ld", "kl")
+from store.circuits_schema import METHODS, METRICS
 
 
 @dataclass
@@ -76,8 +74,11 @@ class PairScores:
     rule: str
     metric_clean: np.ndarray  # (Mt,) M of the clean run (kl: 0)
     metric_corr: np.ndarray  # (Mt,) M of the corrupted run
-    node_sum_err: float  # invariant: max |sum_u eap(u->d) - node-level AtP of d|, relative
     steps: int
+    # invariants, each max |error| / max(1, max |reference|):
+    node_sum_err: float  # sum_u eap(u -> d) vs node-level attribution patching of d
+    ig1_err: float  # eap_ig_* with m = 1 vs eap (NaN when not checked)
+    model_err: float  # the engine's clean/corrupted logits vs the model's own forward
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _grads(ad: Adapter, g: Graph, bt: _Batch, rope, h: torch.Tensor, start: int,
     h (Mt * N * m, T, D): the start residual of every row, rows ordered (metric, pair, step)."""
     N = bt.clean.logits.shape[0]
     B, T, D = h.shape
-    assert B == len(METRICS) * N * m
+    assert len(METRICS) * N * m == B
     pair_of = torch.arange(N, device=h.device).repeat_interleave(m).repeat(len(METRICS))  # (B,)
     with torch.enable_grad():
         run = engine.forward(ad, g, h.detach(), rope, start=start, grad=True)
@@ -159,10 +160,9 @@ def _group_start(g: Graph, bt: _Batch, grp: str, lay: int, m: int) -> tuple[torc
     return h, stage, idx
 
 
-def _scores_batch(ad: Adapter, g: Graph, pairs: Sequence[CircuitPair], rope, m: int,
-                  methods: Sequence[str]) -> list[PairScores]:
-    bt = _record(ad, g, pairs, rope)
-    N = len(pairs)
+def _method_scores(ad: Adapter, g: Graph, bt: _Batch, rope, m: int, methods: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Me, Mt, N, U, Dn) float64 score matrices (methods not asked for: 0), and eap's grads."""
+    N = bt.clean.logits.shape[0]
     e_clean, e_corr = bt.clean.up[:, 0], bt.corr.up[:, 0]  # (N, T, D)
     delta = bt.corr.up - bt.clean.up  # (N, U, T, D)
     out = torch.zeros(len(METHODS), len(METRICS), N, g.n_up, g.n_down, dtype=torch.float64)
@@ -181,14 +181,39 @@ def _scores_batch(ad: Adapter, g: Graph, pairs: Sequence[CircuitPair], rope, m: 
                 gg = _grads(ad, g, bt, rope, h, stage, m)
                 for n in range(N):
                     out[2, :, n, idx] = _edge_scores(delta[n, idx], gg[:, n], g, idx).double().cpu()
-    res = []
+    if "eap_ig_inputs" not in methods:
+        out[1] = 0
+    return out, g_eap
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max()) / max(1.0, float(ref.double().abs().max()))
+
+
+def _scores_batch(ad: Adapter, g: Graph, pairs: Sequence[CircuitPair], rope, m: int,
+                  methods: Sequence[str], check: bool) -> list[PairScores]:
+    bt = _record(ad, g, pairs, rope)
+    N = len(pairs)
+    out, g_eap = _method_scores(ad, g, bt, rope, m, methods)
+    ig1 = _method_scores(ad, g, bt, rope, 1, methods)[0] if check else None
+    with torch.no_grad():
+        dev = ad.lm_head.weight.device
+        ids = torch.tensor([p.clean.input_ids for p in pairs] + [p.corrupted.input_ids for p in pairs], device=dev)
+        model = ad.model(input_ids=ids, logits_to_keep=1).logits[:, -1]
     mc = metric_values(bt.clean.logits, bt.ans, torch.arange(N))  # (Mt, N)
     mx = metric_values(bt.corr.logits, bt.ans, torch.arange(N))
+    res = []
     for n, p in enumerate(pairs):
         sc = out[:, :, n][:, :, g.edge_up, g.edge_down].numpy()  # (Me, Mt, E)
+        ig1_err = float("nan")
+        if ig1 is not None:
+            asked = [i for i, name in enumerate(METHODS) if name in methods and i > 0]
+            ig1_err = max((_rel(ig1[i, :, n], out[0, :, n]) for i in asked), default=0.0)
+        engine_lg = torch.stack([bt.clean.logits[n], bt.corr.logits[n]])
         res.append(PairScores(p, sc, int(bt.ans.t_clean[n]), int(bt.ans.t_corr[n]), bt.ans.rule[n],
-                              mc[:, n].cpu().numpy(), mx[:, n].cpu().numpy(),
-                              _node_sum_err(g, bt, n, out[0, :, n], g_eap[:, n]), m))
+                              mc[:, n].cpu().numpy(), mx[:, n].cpu().numpy(), m,
+                              _node_sum_err(g, bt, n, out[0, :, n], g_eap[:, n]), ig1_err,
+                              _rel(engine_lg, model[[n, N + n]])))
     return res
 
 
@@ -207,11 +232,13 @@ def _node_sum_err(g: Graph, bt: _Batch, n: int, eap: torch.Tensor, grads: torch.
     return float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
-def score_pairs(ad: Adapter, pairs: Sequence[CircuitPair], *, steps: int = 5, batch: int = 4,
-                methods: Sequence[str] = METHODS) -> list[PairScores]:
-    """Scores of every pair (in the given order), pairs of equal length ``batch`` at a time.
+def score_pairs(ad: Adapter, pairs: Sequence[CircuitPair], *, steps: int = 5, batch: int = 1,
+                methods: Sequence[str] = METHODS, check: bool = True) -> list[PairScores]:
+    """Scores of every pair (in the given order), pairs of equal length ``batch`` at a time
+    (rows per forward: 2 metrics x batch x steps).
 
-    Methods not asked for are left 0 (``eap`` always runs: the invariants need it)."""
+    Methods not asked for are left 0 (``eap`` always runs: the invariants need it). ``check``
+    also runs the IG methods with m = 1 (invariant ig_one_step_is_eap; ~1/m more work)."""
     engine.check_model(ad)
     bad = set(methods) - set(METHODS)
     if bad:
@@ -229,6 +256,6 @@ def score_pairs(ad: Adapter, pairs: Sequence[CircuitPair], *, steps: int = 5, ba
     for idx in by_len.values():
         for j in range(0, len(idx), batch):
             chunk = idx[j : j + batch]
-            for i, r in zip(chunk, _scores_batch(ad, g, [pairs[i] for i in chunk], rope, steps, methods), strict=True):
+            for i, r in zip(chunk, _scores_batch(ad, g, [pairs[i] for i in chunk], rope, steps, methods, check), strict=True):
                 out[i] = r
     return out  # type: ignore[return-value]
