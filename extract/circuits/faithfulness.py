@@ -129,7 +129,7 @@ def node_means(ad: Adapter, prompts: Sequence[Prompt]) -> torch.Tensor:
 def _run_rows(ad: Adapter, g: Graph, h0: torch.Tensor, repl: torch.Tensor, outside: list[np.ndarray],
               rope, ans, row_batch: int) -> np.ndarray:
     """M of each circuit row (outside masks (U, Dn) bool) -> (Mt, rows) float64."""
-    out = []
+    out = [np.zeros((len(METRICS), 0))]
     for j in range(0, len(outside), row_batch):
         chunk = outside[j : j + row_batch]
         mask = torch.as_tensor(np.stack(chunk), dtype=h0.dtype, device=h0.device).transpose(1, 2)  # (B, Dn, U)
