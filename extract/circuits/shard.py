@@ -82,7 +82,9 @@ def to_shard(ps: PairScores, pc: PairCircuits, tolerance: float, fingerprint: st
 def write_shard(writer: WarehouseWriter, shard: CircuitShard, n_edges: int) -> None:
     """``circuits/<kind>/pNNNNN.h5`` (NNNNN = the clean prompt), atomically."""
     shard.check(n_edges)
-    with writer.shard_writer(int(shard.prompts[0]), f"{CIRCUITS_DIR}/{shard.attrs['kind']}") as sw:
+    sub = f"{CIRCUITS_DIR}/{shard.attrs['kind']}"
+    (writer.root / sub).mkdir(parents=True, exist_ok=True)
+    with writer.shard_writer(int(shard.prompts[0]), sub) as sw:
         for field, arr in shard.items():
             sw.put(field, arr)
         sw.attrs(shard.attrs)
