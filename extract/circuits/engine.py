@@ -129,7 +129,11 @@ def forward(ad: Adapter, g: Graph, h: torch.Tensor, rope, *, start: int = 1, gra
     B, T, D = h.shape
     assert patch is None or start == 1, "a patched forward starts at the input"
     copies: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = [h[:, None]]  # node outputs so far, (B, n, T, D) each
+    keep = patch is not None or record
+    up = h.new_zeros(B, g.n_up, T, D) if keep else None  # node outputs, filled in forward order
+    ptr = int((g.up_stage < start).sum())  # nodes before the start stage (not this forward's)
+    if keep and start == 1:
+        up[:, 0] = h
     rec = {k: h.new_zeros(B, L, T, D) for k in ("in", "mid")} if record else {}
 
     def read(n_in: int, down: slice) -> torch.Tensor:
@@ -140,10 +144,9 @@ def forward(ad: Adapter, g: Graph, h: torch.Tensor, rope, *, start: int = 1, gra
             return x + c
         if patch is None:
             return x
-        up = torch.cat(outs, 1)  # (B, n, T, D)
-        n = up.shape[1]
-        delta = (patch.repl[:, :n] - up).flatten(2)  # (B, n, T*D)
-        return x + (patch.outside[:, down, :n] @ delta).view(B, n_in, T, D)
+        out = patch.outside[:, down, :ptr]  # (B, n_in, n)
+        add = out @ patch.repl[:, :ptr].flatten(2) - out @ up[:, :ptr].flatten(2)  # (B, n_in, T*D)
+        return x + add.view(B, n_in, T, D)
 
     for s in range(start, 2 * L + 1):
         lay = (s - 1) // 2
@@ -155,8 +158,9 @@ def forward(ad: Adapter, g: Graph, h: torch.Tensor, rope, *, start: int = 1, gra
             o = ad.o_proj(lay)(z.flatten(2))
             post = ad.post_attn(lay)
             h = h + (o if post is None else post(o))
-            if patch is not None or record:
-                outs.append(head_outputs(ad, lay, z))
+            if keep:
+                up[:, ptr : ptr + H] = head_outputs(ad, lay, z)
+                ptr += H
         else:  # MLP of block lay
             if record:
                 rec["mid"][:, lay] = h
@@ -164,15 +168,13 @@ def forward(ad: Adapter, g: Graph, h: torch.Tensor, rope, *, start: int = 1, gra
             post = ad.post_mlp(lay)
             m = m if post is None else post(m)
             h = h + m
-            if patch is not None or record:
-                outs.append(m[:, None])
+            if keep:
+                up[:, ptr] = m
+                ptr += 1
     x = read(1, slice(g.down_logits, g.down_logits + 1))[:, 0]  # (B, T, D)
     run = Run(logits_of(ad, x[:, -1]), copies)
     if record:
-        up = torch.cat(outs, 1)
-        if start > 1:  # nodes before the start are not this forward's: zeros
-            up = torch.cat([up.new_zeros(B, g.n_up - up.shape[1] + 1, T, D), up[:, 1:]], 1)
-        assert up.shape[1] == g.n_up, (up.shape, g.n_up)
+        assert ptr == g.n_up, (ptr, g.n_up)
         run.up, run.resid_in, run.resid_mid, run.resid_out = up, rec["in"], rec["mid"], h
     return run
 
