@@ -144,9 +144,8 @@ def forward(ad: Adapter, g: Graph, h: torch.Tensor, rope, *, start: int = 1, gra
             return x + c
         if patch is None:
             return x
-        out = patch.outside[:, down, :ptr]  # (B, n_in, n)
-        add = out @ patch.repl[:, :ptr].flatten(2) - out @ up[:, :ptr].flatten(2)  # (B, n_in, T*D)
-        return x + add.view(B, n_in, T, D)
+        delta = (patch.repl[:, :ptr] - up[:, :ptr]).flatten(2)  # (B, n, T*D); exact 0 where equal
+        return x + (patch.outside[:, down, :ptr] @ delta).view(B, n_in, T, D)
 
     for s in range(start, 2 * L + 1):
         lay = (s - 1) // 2
