@@ -35,7 +35,8 @@ CORR = [1, 6, 7, 9, 3, 12, 13, 4]
 
 
 def _err(got, ref) -> float:
-    got, ref = torch.tensor(np.asarray(got, np.float64)), torch.as_tensor(np.asarray(ref, np.float64))
+    got = torch.tensor(np.array(got, np.float64))
+    ref = torch.tensor(np.array(ref, np.float64)) if isinstance(ref, np.ndarray) else torch.as_tensor(ref).double()
     return float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
