@@ -11,9 +11,11 @@ For one word pair (``--word`` and its partner under the first template, raw prom
   hooked forward per circuit (the reference's ``circuit_logits``).
 
 Naive costs are timed on ``--naive`` steps / circuits and scaled to the full counts. FLOPs are
-counted by torch.utils.flop_counter (matmuls) on the same calls. No asserts: it prints.
+counted by torch.utils.flop_counter (matmuls) with ``--flops`` (the counter slows every op, so
+time without it). No asserts: it prints. Run with OMP_NUM_THREADS=1 on a shared machine
+(small matmuls are ~30x slower when threads are oversubscribed).
 
-Usage: python benchmarks/bench_circuits.py [--model smollm2-135m-instruct] [--word cat] [--steps 5] [--naive 3]
+Usage: python benchmarks/bench_circuits.py [--model smollm2-135m-instruct] [--word cat] [--steps 5] [--naive 3] [--flops]
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ from tests.extract import hooked_circuits as hc
 WORDS = ("cat", "dog", "house", "tree", "water", "music", "bread", "ocean")
 
 
+FLOPS = False  # --flops: count matmul FLOPs (torch.utils.flop_counter), which slows every op
+
+
 def timed(fn):
-    """(seconds, matmul FLOPs, result) of one call."""
+    """(seconds, matmul FLOPs or NaN, result) of one call."""
+    if not FLOPS:
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, float("nan"), out
     fc = FlopCounterMode(display=False)
     t = time.perf_counter()
     with fc:
@@ -51,7 +60,10 @@ def main() -> None:
     ap.add_argument("--word", default="cat")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--naive", type=int, default=3, help="naive steps / circuits timed, then scaled")
+    ap.add_argument("--flops", action="store_true", help="count FLOPs (times then include the counter's overhead)")
     args = ap.parse_args()
+    global FLOPS
+    FLOPS = args.flops
     torch.set_grad_enabled(False)
     path, _ = resolve_model(args.model, progress=False)
     model, tok, _ = load_model(path, device="cpu", progress=False)

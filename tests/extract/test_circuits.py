@@ -253,8 +253,9 @@ def test_smollm2_scores_and_circuits_against_hooked_reference(smollm2_dir):
     rng = np.random.default_rng(0)
     sample = np.concatenate([np.argsort(-np.abs(ps.scores[0, 0]))[:50], rng.choice(g.n_edges, 200, replace=False)])
     for mi, method in enumerate(("eap", "eap_ig_inputs")):
-        ref = hc.scores(hk, clean, corr, method, "ld", m=2)[g.edge_up, g.edge_down]
-        assert _err(ps.scores[mi, 0, sample], ref[sample]) <= TOL32, method
+        for ki, metric in enumerate(METRICS):
+            ref = hc.scores(hk, clean, corr, method, metric, m=2)[g.edge_up, g.edge_down]
+            assert _err(ps.scores[mi, ki, sample], ref[sample]) <= TOL32, (method, metric)
     pc = evaluate_circuits(ad, [ps], n_top=2, n_random=1, row_batch=8)[0]
     assert pc.full_err.max() <= TOL32 * max(1, abs(ps.metric_clean[0]))
     lc, lx, oc, ox = hc.clean_runs(hk, clean, corr)
