@@ -96,6 +96,8 @@ def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, pa
         opened = (Comparison(targets, memory_limit=memory_limit, timeout=timeout) if comparing else
                   Warehouse(targets[0].path, memory_limit=memory_limit, timeout=timeout, label=targets[0].label))
         with opened as wh:
+            for note in wh.notes():
+                click.echo(f"note: {note}", err=True)
             if analysis is not None:
                 df = wh.run_analysis(analysis, **_params(params))
             else:

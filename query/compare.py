@@ -172,6 +172,9 @@ class Comparison(ReadOnlyConnection):
     def __enter__(self) -> Comparison:
         return self
 
+    def notes(self) -> list[str]:
+        return [m.note for m in self.members if m.note]
+
     def _failure(self) -> QueryError | None:
         return next((m.failure for m in self.members if m.failure is not None), None)
 

@@ -94,6 +94,10 @@ class ReadOnlyConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def notes(self) -> list[str]:
+        """One line per open warehouse that is unfinished (what it lacks); empty when none is."""
+        return []
+
     # -- failures inside scans ---------------------------------------------------------------
     def _failure(self) -> QueryError | None:
         return None

@@ -117,6 +117,11 @@ class WarehouseSources:
     def manifest(self) -> dict[str, Any]:
         return self.export.manifest if self.export is not None else self.reader.manifest
 
+    @property
+    def note(self) -> str | None:
+        """What an unfinished warehouse lacks (store.reader.WarehouseReader.note)."""
+        return self.reader.note if self.reader is not None else None
+
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
@@ -199,6 +204,9 @@ class Warehouse(ReadOnlyConnection):
 
     def _release(self) -> None:
         self.src.close()
+
+    def notes(self) -> list[str]:
+        return [self.src.note] if self.src.note else []
 
     def __enter__(self) -> Warehouse:
         return self

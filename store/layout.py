@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from store.schema import ABLATION_DIR, MODEL_FILE, PARTIAL_SUFFIX, PATCHING_DIR, PROMPTS_DIR, prompt_shard_name
+from store.schema import (
+    ABLATION_DIR,
+    MODEL_FILE,
+    PARTIAL_SUFFIX,
+    PATCHING_DIR,
+    PROMPTS_DIR,
+    prompt_shard_name,
+)
 
 SHARD_NAME = re.compile(r"^p(\d{5,})\.h5$")
 # a finished run (all shards written); "running" is a run still writing or killed: resume it

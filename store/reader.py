@@ -133,6 +133,11 @@ class _Shard(h5py.File):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lstrip("/") in self.names
 
+    def get(self, name: Any, default: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        if kw:
+            raise TypeError("a shard's get takes a name and a default only")
+        return self[name] if name in self else default
+
     def __getitem__(self, name: Any) -> Any:
         key = name.strip("/") if isinstance(name, str) else None
         if key and "/" not in key and key not in self.names:
