@@ -38,7 +38,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
     "patching": tuple(PATCHING_ATTRS)}
-NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold besides its datasets
+NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold (older shards committed bfloat16)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def _dtype_problem(ds: h5py.Dataset, fld: Field, store_dtype: str) -> str | None
         return None if ds.dtype.names == want else f"fields {ds.dtype.names} (expected {want})"
     if fld.activation and store_dtype == "bfloat16":
         ok = isinstance(t, h5py.h5t.TypeFloatID) and t.get_size() == 2 and t.get_fields() == BFLOAT16_FIELDS
-        return None if ok else f"type {ds.dtype} (expected the committed bfloat16 type)"
+        return None if ok else f"type {ds.dtype} (expected the bfloat16 type)"
     want = np.dtype(fld.dtype)
     if fld.activation and store_dtype == "float16":
         fallback = bool(ds.attrs.get("float16_overflow_fallback", False))
