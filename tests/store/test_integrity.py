@@ -149,3 +149,23 @@ def test_the_hint_names_the_warehouse_for_the_model_file(tmp_path: Path) -> None
     _flip_header(root / "model.h5", "vocab_text")
     line = _one_line_error(root, "query", "SELECT * FROM vocab")
     assert line.endswith(f"`echowh verify -w {root}` lists every damaged file"), line
+
+
+def test_verify_passes_a_patching_warehouse_and_names_its_damage(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """Issue 19.3: verify said "patching: should be a directory" on every --patching warehouse."""
+    from extract.config import ExtractConfig
+    from extract.run import extract
+
+    out = tmp_path / "w"
+    cfg = ExtractConfig(out=out, model=str(tiny_qwen2_dir), device="cpu", words=("cat", "dog"),
+                        templates=("repeat the word {word}", "say the word {word}"), ablation=(),
+                        patching=True, patch_pairs=((0, 1),), progress=False)
+    assert not extract(cfg, log=lambda m: None).failed
+    rep = verify(out)
+    assert rep.ok, rep.lines()
+    assert rep.files_checked == 1 + 4 + 2  # model, 4 prompts, 2 (pair, word) patching shards
+    shard = sorted((out / "patching/0-1").glob("*.h5"))[1]
+    shard.unlink()
+    assert [ln.split(": ", 1) for ln in verify(out).lines()] == [[str(shard), "missing (the manifest lists this prompt)"]]
+    line = _one_line_error(out, "query", "SELECT count(*) FROM patching")
+    assert line.startswith(f"Error: {shard}: missing")
