@@ -136,7 +136,7 @@ class _Shard(h5py.File):
     def get(self, name: Any, default: Any = None, **kw: Any) -> Any:  # type: ignore[override]
         if kw:
             raise TypeError("a shard's get takes a name and a default only")
-        return self[name] if name in self else default
+        return self[name] if name in self else default  # noqa: SIM401 - this is get
 
     def __getitem__(self, name: Any) -> Any:
         key = name.strip("/") if isinstance(name, str) else None
