@@ -34,7 +34,7 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
     L, H, D, T, B = n_layers, n_heads, d_model, n_tokens, n_layers + 1
     prompts = [(f"w{i}", t) for i in range(n_words) for t in range(n_templates)]
     manifest = {"fingerprint": "synthetic", "fingerprint_parts": {}, "model": {"id": "synthetic"},
-                "config": {"store_dtype": "float32"},
+                "config": {"store_dtype": "float32", "ablation": ["zero", "mean"]}, "status": "complete",
                 "prompts": [{"index": i, "word": w, "template_index": t} for i, (w, t) in enumerate(prompts)]}
     w = WarehouseWriter.create(root, manifest, resume=False)
     with w.model_writer() as m:
