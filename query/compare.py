@@ -175,6 +175,10 @@ class Comparison(ReadOnlyConnection):
     def notes(self) -> list[str]:
         return [m.note for m in self.members if m.note]
 
+    def _settle(self) -> None:
+        for m in self.members:
+            m.settle()
+
     def _failure(self) -> QueryError | None:
         return next((m.failure for m in self.members if m.failure is not None), None)
 

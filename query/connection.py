@@ -8,6 +8,7 @@ a broken shard into one-line :class:`QueryError`\\ s. Subclasses register the vi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -107,6 +108,10 @@ class ReadOnlyConnection:
     def _clear_failure(self) -> None:
         pass
 
+    def _settle(self) -> None:
+        """Wait for checks the scans started in the background (an export's hashes); raise
+        a QueryError if one failed."""
+
     # -- queries ---------------------------------------------------------------------------
     def sql(self, sql: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
         """Run one read-only statement; QueryError with DuckDB's message on a mistake."""
@@ -123,10 +128,14 @@ class ReadOnlyConnection:
             timer.start()
         try:
             rel = self.con.sql(sql, params=params or None)
-            return pl.DataFrame() if rel is None else to_polars(rel.fetch_arrow_table())
+            table = None if rel is None else rel.fetch_arrow_table()
+            self._settle()  # a check the scans started must pass before any result is given
+            return pl.DataFrame() if table is None else to_polars(table)
         except duckdb.InterruptException:
             raise QueryError(f"interrupted: the statement ran longer than the timeout ({self.timeout:g} s)") from None
         except Exception as e:
+            with contextlib.suppress(QueryError):  # damage a check found explains a failed scan
+                self._settle()
             failure = self._failure()
             if failure is not None:
                 raise failure from None

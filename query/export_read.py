@@ -7,13 +7,16 @@ Integrity: the writer records the SHA-256 of every file of the export in ``expor
 Parquet page header. :func:`verify_export` (``echowh verify -w DIR``) checks every file
 against the ledger and reads every page with its checksum verified. Opening an export checks
 that its files are exactly the ledger's, and hashes the small files (export.json,
-manifest.json); each view's files are hashed on the view's first scan, before any row of
-it is returned (see ``ParquetExport.source``), so a damaged file is a one-line error.
+manifest.json); each view's files are hashed from the view's first scan on, in a thread that
+overlaps the scan, and the statement's result is given only once every hash it started has
+matched (``ParquetExport.settle``): a damaged file is a one-line error, never a number.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +93,9 @@ class ParquetExport:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise QueryError(f"{self.path}: unreadable export metadata ({e}); {_hint(self.path)}") from None
-        self._checked: set[str] = set()
+        self._checks: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-check")
 
     def _verify(self, rels: list[str]) -> None:
         for rel in rels:
@@ -100,11 +105,23 @@ class ParquetExport:
                                  f"{got[:12]}..., recorded {self.ledger[rel][:12]}...); {_hint(self.path)}")
 
     def check_view(self, view: View) -> None:
-        """Hash the view's files against the ledger, once per open export."""
-        if not self.check or view.name in self._checked:
-            return
-        self._verify(sorted(rel for rel in self.ledger if rel.startswith(f"{view.name}/")))
-        self._checked.add(view.name)
+        """Start hashing the view's files against the ledger (once per open export), in a
+        thread that overlaps the scan; :meth:`settle` waits for it before a result is given."""
+        with self._lock:
+            if not self.check or view.name in self._checks:
+                return
+            rels = sorted(rel for rel in self.ledger if rel.startswith(f"{view.name}/"))
+            self._checks[view.name] = self._pool.submit(self._verify, rels)
+
+    def settle(self) -> None:
+        """Wait for every hash started so far; a mismatch is a one-line QueryError."""
+        with self._lock:
+            pending = list(self._checks.values())
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def source(self, view: View) -> pl.LazyFrame:
         """The view as a lazy scan (DuckDB pushes filters and projections into it)."""

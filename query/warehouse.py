@@ -123,9 +123,17 @@ class WarehouseSources:
         """What an unfinished warehouse lacks (store.reader.WarehouseReader.note)."""
         return self.reader.note if self.reader is not None else None
 
+    def settle(self) -> None:
+        """Wait for the export checks a statement started (query.export_read); raise the first
+        mismatch (and remember it as the failure)."""
+        if self.export is not None:
+            self._guarded(self.export.settle, "export")
+
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+        if self.export is not None:
+            self.export.close()
 
     def _guarded(self, fn: Callable[[], Any], view: str) -> Any:
         """Run a read for ``view``; a broken shard is remembered (DuckDB wraps what we raise)."""
@@ -230,6 +238,9 @@ class Warehouse(ReadOnlyConnection):
 
     def notes(self) -> list[str]:
         return [self.src.note] if self.src.note else []
+
+    def _settle(self) -> None:
+        self.src.settle()
 
     def __enter__(self) -> Warehouse:
         return self
