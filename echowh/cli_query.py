@@ -109,9 +109,13 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--memory-limit", metavar="SIZE",
               help="DuckDB memory limit, e.g. 2GB or 500MB (default: half the machine's memory); "
                    "larger intermediates spill to a temporary directory outside the warehouse.")
+@click.option("--no-check-export", "unchecked", is_flag=True,
+              help="A Parquet export: do not hash the scanned views' files against its export.sha256 "
+                   "(a little faster; a damaged file may then give wrong numbers; `echowh verify -w DIR` "
+                   "checks everything).")
 def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, params: tuple[str, ...],
           fmt: str, output: Path | None, max_rows: int, timeout: float | None,
-          memory_limit: str | None) -> None:
+          memory_limit: str | None, unchecked: bool) -> None:
     """Run read-only SQL, or a named analysis, over a warehouse (or several, to compare models).
 
     \b
@@ -139,8 +143,9 @@ def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, pa
     try:
         # unknown name: an error before opening the warehouse
         comparing = len(targets) > 1 or (analysis is not None and is_comparison(get_analysis(analysis)))
-        opened = (Comparison(targets, memory_limit=memory_limit, timeout=timeout) if comparing else
-                  Warehouse(targets[0].path, memory_limit=memory_limit, timeout=timeout, label=targets[0].label))
+        kw = {"memory_limit": memory_limit, "timeout": timeout, "check_export": not unchecked}
+        opened = (Comparison(targets, **kw) if comparing else
+                  Warehouse(targets[0].path, label=targets[0].label, **kw))
         with opened as wh:
             for note in wh.notes():
                 click.echo(f"note: {note}", err=True)

@@ -128,7 +128,7 @@ class ReadOnlyConnection:
             timer.start()
         try:
             rel = self.con.sql(sql, params=params or None)
-            table = None if rel is None else rel.fetch_arrow_table()
+            table = None if rel is None else rel.to_arrow_table()
             self._settle()  # a check the scans started must pass before any result is given
             return pl.DataFrame() if table is None else to_polars(table)
         except duckdb.InterruptException:
@@ -220,7 +220,7 @@ def to_polars(table: pa.Table) -> pl.DataFrame:
     """A result as a Polars frame; a column Polars cannot hold (a UNION or an INTERVAL,
     anywhere inside its type) becomes text, before Polars sees it (some of them panic)."""
     cols = []
-    for name, col in zip(table.column_names, table.columns, strict=True):
+    for name, col in zip(_unique(table.column_names), table.columns, strict=True):
         if _unsupported(col.type):
             cols.append(pl.Series(name, [None if v is None else str(v) for v in col.to_pylist()], dtype=pl.String))
             continue
@@ -228,11 +228,21 @@ def to_polars(table: pa.Table) -> pl.DataFrame:
             cols.append(pl.from_arrow(pa.table({name: col})).to_series())
         except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError):
             cols.append(pl.Series(name, [None if v is None else str(v) for v in col.to_pylist()], dtype=pl.String))
-    try:
-        return pl.DataFrame(cols)
-    except (pl.exceptions.PolarsError, ValueError) as e:
-        raise QueryError(f"the result cannot be returned as a table ({_first_line(str(e))}); "
-                         "give every column a distinct name") from None
+    return pl.DataFrame(cols)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Repeated column names made unique as DuckDB's own ``.pl()`` does: a, a_1, a_2."""
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        name, k = n, 0
+        while name in seen:
+            k += 1
+            name = f"{n}_{k}"
+        seen.add(name)
+        out.append(name)
+    return out
 
 
 def _unsupported(t: pa.DataType) -> bool:

@@ -227,11 +227,16 @@ class Warehouse(ReadOnlyConnection):
         exported = self.src.export is not None
         for v in VIEWS:
             if not v.sql or exported:
-                self.con.register(v.name, self.src.source(v))
+                self._register(v, self.src.source(v))
         for v in VIEWS:
             if v.sql and not exported:
                 self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
         self._lock()
+
+    def _register(self, view: View, source: Any) -> None:
+        """Give ``view``'s source its name on the connection (the differential corpus wraps
+        each heavy view in a LIMIT subquery here, a form DuckDB cannot push filters into)."""
+        self.con.register(view.name, source)
 
     def _release(self) -> None:
         self.src.close()
