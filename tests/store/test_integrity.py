@@ -164,8 +164,34 @@ def test_verify_passes_a_patching_warehouse_and_names_its_damage(tiny_qwen2_dir:
     rep = verify(out)
     assert rep.ok, rep.lines()
     assert rep.files_checked == 1 + 4 + 2  # model, 4 prompts, 2 (pair, word) patching shards
+    first = sorted((out / "patching/0-1").glob("*.h5"))[0]
+    clean = first.read_bytes()
+    with h5py.File(first, "r") as f:  # issue 19.7: the hint named W/patching, not W
+        name = next(k for k in f if isinstance(f[k], h5py.Dataset) and f[k].chunks)
+        at = f[name].id.get_chunk_info(0).byte_offset + 3
+    b = bytearray(clean)
+    b[at] ^= 0x5A
+    first.write_bytes(bytes(b))
+    line = _one_line_error(out, "query", "SELECT * FROM patching")
+    assert line.startswith(f"Error: {first}: ") and line.endswith(f"`echowh verify -w {out}` lists every damaged file")
+    first.write_bytes(clean)
     shard = sorted((out / "patching/0-1").glob("*.h5"))[1]
     shard.unlink()
     assert [ln.split(": ", 1) for ln in verify(out).lines()] == [[str(shard), "missing (the manifest lists this prompt)"]]
     line = _one_line_error(out, "query", "SELECT count(*) FROM patching")
     assert line.startswith(f"Error: {shard}: missing")
+
+
+@pytest.mark.parametrize("damage", ["header", "missing", "word"])
+def test_report_refuses_each_damage_in_one_line(root: Path, tmp_path: Path, damage: str) -> None:
+    """Issue 19.1/2/8: `report` wrote a report from NULLs, from the remaining prompts, with the wrong word."""
+    if damage == "header":
+        _flip_header(root / "prompts/p00002.h5", "final_logits")
+    elif damage == "missing":
+        (root / "prompts/p00002.h5").unlink()
+    else:
+        _edit_manifest(root, lambda m: m["prompts"][2].update(word="fish"))
+    out = tmp_path / "r.html"
+    line = _one_line_error(root, "report", "-o", str(out))
+    assert line.startswith(f"Error: {root}/prompts/p00002.h5: ") or line.startswith(f"Error: {root}/manifest.json: "), line
+    assert not out.exists()
