@@ -78,7 +78,8 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
             s.attrs({"prompt_index": i, "word": word, "template_index": t, "template": "{word}",
                      "text": word, "fingerprint": "synthetic", "n_tokens": T, "target_id": tid,
                      "target_text": word, "target_form": "word", "word_multi_token": False,
-                     "top1_id": tid, "generation": word, "echo_first_token": True, "echo_correct": True})
+                     "top1_id": tid, "generation": word, "echo_first_token": True, "echo_correct": True,
+                     "echo_exact": True})
         shape = (2, ablation_layers, H + 2)
         with w.shard_writer(i, ABLATION_DIR) as s:
             for fld in (A.TARGET_LOGIT, A.TARGET_PROB, A.LOGIT_DIFF, A.TOP1_PROB, A.KL):

@@ -38,6 +38,8 @@ FIELDS: dict[str, tuple[Field, ...]] = {
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
     "patching": tuple(PATCHING_ATTRS)}
+# attributes a reader does without: the word's span falls back to the position roles
+READER_OPTIONAL_ATTRS = {"word_start", "word_end"}
 NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold (older shards committed bfloat16)
 
 
@@ -109,7 +111,10 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
     """The axis sizes this shard must have, and problems found in its attributes."""
     problems: list[str] = []
     dims = dict(expect.dims)
-    missing = [k for k in REQUIRED_ATTRS[kind] if k not in attrs] if strict else []
+    # a reader (not strict) needs them too: a missing one would read as NULL; model.h5's are
+    # checked whole by verify, and a reader names a missing one when it needs it
+    missing = [k for k in REQUIRED_ATTRS[kind] if k not in attrs
+               and (strict or (kind != "model" and k not in READER_OPTIONAL_ATTRS))]
     if missing:
         problems.append(f"attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing")
     sv = text(attrs.get("schema_version"))

@@ -195,3 +195,17 @@ def test_report_refuses_each_damage_in_one_line(root: Path, tmp_path: Path, dama
     line = _one_line_error(root, "report", "-o", str(out))
     assert line.startswith(f"Error: {root}/prompts/p00002.h5: ") or line.startswith(f"Error: {root}/manifest.json: "), line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("rel", "attr"), [("prompts/p00001.h5", "echo_correct"), ("prompts/p00002.h5", "target_id"),
+                                           ("ablation/p00000.h5", "modes")])
+def test_a_deleted_attribute_is_an_error_not_null(root: Path, rel: str, attr: str) -> None:
+    """Damage the issue does not list: an attribute removed through h5py (the header checksum
+    is rewritten, so only the ledger and this check see it) would read as NULL."""
+    with h5py.File(root / rel, "a") as f:
+        del f.attrs[attr]
+    view = "ablation" if rel.startswith("ablation") else "prompts"
+    with pytest.raises(QueryError) as e, Warehouse(root) as wh:
+        wh.sql(f"SELECT * FROM {view}")
+    assert str(e.value).startswith(f"{root / rel}: attribute {attr} missing"), str(e.value)
+    assert any(ln.startswith(f"{root / rel}: attribute") for ln in verify(root).lines())
