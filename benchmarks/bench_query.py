@@ -34,7 +34,7 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
     L, H, D, T, B = n_layers, n_heads, d_model, n_tokens, n_layers + 1
     prompts = [(f"w{i}", t) for i in range(n_words) for t in range(n_templates)]
     manifest = {"fingerprint": "synthetic", "fingerprint_parts": {}, "model": {"id": "synthetic"},
-                "config": {"store_dtype": "float32"},
+                "config": {"store_dtype": "float32", "ablation": ["zero", "mean"]}, "status": "complete",
                 "prompts": [{"index": i, "word": w, "template_index": t} for i, (w, t) in enumerate(prompts)]}
     w = WarehouseWriter.create(root, manifest, resume=False)
     with w.model_writer() as m:
@@ -78,7 +78,8 @@ def write_synthetic(root: Path, n_words: int = 44, n_templates: int = 2, n_layer
             s.attrs({"prompt_index": i, "word": word, "template_index": t, "template": "{word}",
                      "text": word, "fingerprint": "synthetic", "n_tokens": T, "target_id": tid,
                      "target_text": word, "target_form": "word", "word_multi_token": False,
-                     "top1_id": tid, "generation": word, "echo_first_token": True, "echo_correct": True})
+                     "top1_id": tid, "generation": word, "echo_first_token": True, "echo_correct": True,
+                     "echo_exact": True})
         shape = (2, ablation_layers, H + 2)
         with w.shard_writer(i, ABLATION_DIR) as s:
             for fld in (A.TARGET_LOGIT, A.TARGET_PROB, A.LOGIT_DIFF, A.TOP1_PROB, A.KL):

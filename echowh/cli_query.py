@@ -14,26 +14,72 @@ from query import Comparison, QueryError, Warehouse, get_analysis, is_comparison
 FORMATS = ("table", "csv", "json", "parquet")
 
 
-def _flat(df: pl.DataFrame) -> pl.DataFrame:
-    """Lists and vectors as text, for formats that hold only scalars (CSV)."""
+_CSV_TYPES = (pl.String, pl.Boolean, pl.Date, pl.Datetime, pl.Time, pl.Null, pl.Categorical, pl.Enum, pl.Decimal)
+
+
+def _flat(df: pl.DataFrame, keep: tuple = _CSV_TYPES) -> pl.DataFrame:
+    """Every column that is not a number or one of ``keep`` as text (lists, vectors, structs,
+    maps, binary, intervals), for formats that hold only scalars (CSV)."""
     out = df
     for name, dtype in df.schema.items():
-        if isinstance(dtype, pl.List | pl.Array | pl.Struct):
+        if not (dtype.is_numeric() or isinstance(dtype, keep) or dtype in keep):
             text = [None if v is None else str(v) for v in df[name].to_list()]
             out = out.with_columns(pl.Series(name, text, dtype=pl.String))
     return out
 
 
 def _render(df: pl.DataFrame, fmt: str, max_rows: int) -> str:
+    try:
+        return _render_as(df, fmt, max_rows)
+    except (pl.exceptions.PolarsError, ValueError, TypeError, OverflowError):
+        pass
+    try:  # a type this format cannot hold: every non-scalar column as text
+        return _render_as(_flat(df), fmt, max_rows)
+    except (pl.exceptions.PolarsError, ValueError, TypeError, OverflowError) as e:
+        raise click.ClickException(f"cannot write this result as {fmt} ({_first(e)}); "
+                                   "try another --format or cast the column to VARCHAR") from None
+
+
+def _has(dtype: pl.DataType, cls: type) -> bool:
+    """Whether ``dtype`` is ``cls`` or holds one (in a list, array or struct)."""
+    if isinstance(dtype, cls) or dtype == cls:
+        return True
+    if isinstance(dtype, pl.List | pl.Array):
+        return _has(dtype.inner, cls)
+    if isinstance(dtype, pl.Struct):
+        return any(_has(f.dtype, cls) for f in dtype.fields)
+    return False
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _render_as(df: pl.DataFrame, fmt: str, max_rows: int) -> str:
     if fmt == "csv":
         return _flat(df).write_csv()
     if fmt == "table" and df.columns == ["explain_key", "explain_value"]:
         return "".join(f"{v}\n" for v in df["explain_value"].to_list())  # EXPLAIN's plan as DuckDB wrote it
-    if fmt == "json":
-        return df.write_json() + "\n"
+    if fmt == "json":  # Polars cannot write binary as JSON (it panics): text, like CSV
+        binary = [n for n, t in df.schema.items() if _has(t, pl.Binary)]
+        return (_flat(df.select(binary)).hstack(df.drop(binary)).select(df.columns) if binary else df).write_json() + "\n"
     with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=40,
                    tbl_hide_dataframe_shape=False):
         return f"{df}\n"
+
+
+def _write_parquet(df: pl.DataFrame, output: Path) -> None:
+    try:
+        df.write_parquet(output)
+        return
+    except (pl.exceptions.PolarsError, ValueError, TypeError):
+        pass
+    try:
+        _flat(df, (*_CSV_TYPES, pl.List, pl.Array, pl.Struct, pl.Binary)).write_parquet(output)
+    except (pl.exceptions.PolarsError, ValueError, TypeError) as e:
+        raise click.ClickException(f"cannot write this result as parquet ({_first(e)}); "
+                                   "try another --format or cast the column to VARCHAR") from None
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -63,9 +109,13 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--memory-limit", metavar="SIZE",
               help="DuckDB memory limit, e.g. 2GB or 500MB (default: half the machine's memory); "
                    "larger intermediates spill to a temporary directory outside the warehouse.")
+@click.option("--no-check-export", "unchecked", is_flag=True,
+              help="A Parquet export: do not hash the scanned views' files against its export.sha256 "
+                   "(a little faster; a damaged file may then give wrong numbers; `echowh verify -w DIR` "
+                   "checks everything).")
 def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, params: tuple[str, ...],
           fmt: str, output: Path | None, max_rows: int, timeout: float | None,
-          memory_limit: str | None) -> None:
+          memory_limit: str | None, unchecked: bool) -> None:
     """Run read-only SQL, or a named analysis, over a warehouse (or several, to compare models).
 
     \b
@@ -93,9 +143,12 @@ def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, pa
     try:
         # unknown name: an error before opening the warehouse
         comparing = len(targets) > 1 or (analysis is not None and is_comparison(get_analysis(analysis)))
-        opened = (Comparison(targets, memory_limit=memory_limit, timeout=timeout) if comparing else
-                  Warehouse(targets[0].path, memory_limit=memory_limit, timeout=timeout, label=targets[0].label))
+        kw = {"memory_limit": memory_limit, "timeout": timeout, "check_export": not unchecked}
+        opened = (Comparison(targets, **kw) if comparing else
+                  Warehouse(targets[0].path, label=targets[0].label, **kw))
         with opened as wh:
+            for note in wh.notes():
+                click.echo(f"note: {note}", err=True)
             if analysis is not None:
                 df = wh.run_analysis(analysis, **_params(params))
             else:
@@ -110,7 +163,7 @@ def query(warehouses: tuple[str, ...], sql: str | None, analysis: str | None, pa
         return
     try:
         if fmt == "parquet":
-            df.write_parquet(output)
+            _write_parquet(df, output)
         else:
             output.write_text(_render(df, fmt, max_rows), encoding="utf-8")
     except OSError as e:

@@ -27,13 +27,30 @@ def warehouse_option(fn):
 
 
 def refuse_inside(output: Path, warehouse: Path) -> None:
-    """Commands that read a warehouse never write into it: refuse an -o that lands inside."""
+    """Commands that read a warehouse (or an export) never write into it: refuse an -o that
+    lands inside, through ``..``, a symlink, or a hard link to one of its files."""
     out, root = output.expanduser().resolve(), warehouse.expanduser().resolve()
-    if out == root or root in out.parents:
+    inside = out == root or root in out.parents
+    if not inside and root.is_dir():
+        try:
+            st = out.stat()
+        except OSError:
+            st = None  # nothing there yet: no file of the warehouse can be behind it
+        if st is not None and st.st_nlink > 1:
+            inside = any(_same_file(p, st) for p in root.rglob("*"))
+    if inside:
         raise click.ClickException(
             f"refusing to write {output} inside the warehouse {warehouse} (warehouses are read-only "
             "after extraction); choose an -o outside it"
         )
+
+
+def _same_file(p: Path, st: os.stat_result) -> bool:
+    try:
+        q = p.stat()
+    except OSError:
+        return False
+    return (q.st_dev, q.st_ino) == (st.st_dev, st.st_ino)
 
 
 def warehouses_option(fn):

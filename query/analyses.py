@@ -56,7 +56,10 @@ class Param:
                 return None
             try:
                 if self.type == "INTEGER":
-                    return int(text)
+                    value = int(text)
+                    if not -2**31 <= value < 2**31:  # SQL INTEGER
+                        raise QueryError(f"parameter {self.name} takes an INTEGER (32-bit), got {text}")
+                    return value
                 if self.type == "DOUBLE":
                     return float(text)
                 if self.type == "BOOLEAN":

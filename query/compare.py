@@ -116,12 +116,12 @@ class Comparison(ReadOnlyConnection):
 
     ``warehouses``: directories, ``(label, directory)`` pairs or :class:`WarehouseArg`; the order
     given is the order of ``labels``. ``pushdown``, ``memory_limit``, ``timeout`` and
-    ``threads`` as for :class:`~query.Warehouse`.
+    ``threads`` and ``check_export`` as for :class:`~query.Warehouse`.
     """
 
     def __init__(self, warehouses: Sequence[Path | str | tuple[str, Path | str] | WarehouseArg],
                  threads: int | None = None, *, pushdown: bool = True, memory_limit: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, check_export: bool = True) -> None:
         args = [_as_arg(w) for w in warehouses]
         if not args:
             raise QueryError("a comparison needs at least one warehouse")
@@ -129,7 +129,8 @@ class Comparison(ReadOnlyConnection):
         self.members: list[WarehouseSources] = []
         try:
             for a in args:
-                self.members.append(WarehouseSources(a.path, label=a.label, pushdown=pushdown))
+                self.members.append(WarehouseSources(a.path, label=a.label, pushdown=pushdown,
+                                                     check_export=check_export))
             self.labels = assign_labels([a.label for a in args], [m.label for m in self.members],
                                         [a.path for a in args])
             for m, label in zip(self.members, self.labels, strict=True):
@@ -171,6 +172,13 @@ class Comparison(ReadOnlyConnection):
 
     def __enter__(self) -> Comparison:
         return self
+
+    def notes(self) -> list[str]:
+        return [m.note for m in self.members if m.note]
+
+    def _settle(self) -> None:
+        for m in self.members:
+            m.settle()
 
     def _failure(self) -> QueryError | None:
         return next((m.failure for m in self.members if m.failure is not None), None)

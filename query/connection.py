@@ -8,6 +8,7 @@ a broken shard into one-line :class:`QueryError`\\ s. Subclasses register the vi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
 from query.errors import QueryError
 from query.views import VIEW_BY_NAME, VIEWS
@@ -60,6 +62,7 @@ class ReadOnlyConnection:
         if timeout is not None and not timeout > 0:
             raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
         self.spill_dir = _spill_dir(list(roots))
+        self.memory_limit = memory_limit or default_memory_limit()
         try:
             # The connection reaches nothing but the views we register: no files, no network,
             # no extensions, and the settings cannot be changed back by a user's statement.
@@ -67,7 +70,7 @@ class ReadOnlyConnection:
                 "enable_external_access": False,
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
-                "memory_limit": memory_limit or default_memory_limit(),
+                "memory_limit": self.memory_limit,
                 "temp_directory": str(self.spill_dir),
             })
         except duckdb.Error as e:
@@ -94,12 +97,20 @@ class ReadOnlyConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def notes(self) -> list[str]:
+        """One line per open warehouse that is unfinished (what it lacks); empty when none is."""
+        return []
+
     # -- failures inside scans ---------------------------------------------------------------
     def _failure(self) -> QueryError | None:
         return None
 
     def _clear_failure(self) -> None:
         pass
+
+    def _settle(self) -> None:
+        """Wait for checks the scans started in the background (an export's hashes); raise
+        a QueryError if one failed."""
 
     # -- queries ---------------------------------------------------------------------------
     def sql(self, sql: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
@@ -117,10 +128,14 @@ class ReadOnlyConnection:
             timer.start()
         try:
             rel = self.con.sql(sql, params=params or None)
-            return pl.DataFrame() if rel is None else rel.pl()
+            table = None if rel is None else rel.to_arrow_table()
+            self._settle()  # a check the scans started must pass before any result is given
+            return pl.DataFrame() if table is None else to_polars(table)
         except duckdb.InterruptException:
             raise QueryError(f"interrupted: the statement ran longer than the timeout ({self.timeout:g} s)") from None
         except Exception as e:
+            with contextlib.suppress(QueryError):  # damage a check found explains a failed scan
+                self._settle()
             failure = self._failure()
             if failure is not None:
                 raise failure from None
@@ -128,12 +143,23 @@ class ReadOnlyConnection:
                 raise
             if not isinstance(e, duckdb.Error):
                 raise
-            raise QueryError(f"{_tidy(str(e))}\n{self._views_hint()}") from None
+            raise QueryError(self._message(e)) from None
         finally:
             if timer is not None:
                 timer.cancel()
 
     # -- internals -------------------------------------------------------------------------
+    def _message(self, e: duckdb.Error) -> str:
+        """DuckDB's first line (never its context lines or its advice, some of which, like
+        SET threads, this connection refuses), with our own hint where one helps."""
+        first = _tidy(str(e))
+        if isinstance(e, duckdb.OutOfMemoryException):
+            return (f"{first}; raise --memory-limit (now {self.memory_limit}) or select fewer rows "
+                    "or columns")
+        if isinstance(e, duckdb.ParserException | duckdb.CatalogException | duckdb.BinderException):
+            return f"{first}\n{self._views_hint()}"
+        return first
+
     def _views_hint(self) -> str:
         return "views: " + ", ".join(v.name for v in VIEWS)
 
@@ -141,7 +167,7 @@ class ReadOnlyConnection:
         try:
             stmts = self.con.extract_statements(sql)
         except duckdb.Error as e:
-            raise QueryError(f"{e}\n{self._views_hint()}") from None
+            raise QueryError(self._message(e)) from None
         if len(stmts) != 1:
             raise QueryError(f"expected one SQL statement, got {len(stmts)}")
         return stmts[0]
@@ -190,11 +216,46 @@ def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else message
 
 
+def to_polars(table: pa.Table) -> pl.DataFrame:
+    """A result as a Polars frame; a column Polars cannot hold (a UNION or an INTERVAL,
+    anywhere inside its type) becomes text, before Polars sees it (some of them panic)."""
+    cols = []
+    for name, col in zip(_unique(table.column_names), table.columns, strict=True):
+        if _unsupported(col.type):
+            cols.append(pl.Series(name, [None if v is None else str(v) for v in col.to_pylist()], dtype=pl.String))
+            continue
+        try:
+            cols.append(pl.from_arrow(pa.table({name: col})).to_series())
+        except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError):
+            cols.append(pl.Series(name, [None if v is None else str(v) for v in col.to_pylist()], dtype=pl.String))
+    return pl.DataFrame(cols)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Repeated column names made unique as DuckDB's own ``.pl()`` does: a, a_1, a_2."""
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        name, k = n, 0
+        while name in seen:
+            k += 1
+            name = f"{n}_{k}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _unsupported(t: pa.DataType) -> bool:
+    if pa.types.is_union(t) or pa.types.is_interval(t):
+        return True
+    return any(_unsupported(t.field(i).type) for i in range(t.num_fields))
+
+
 def _tidy(message: str) -> str:
-    """DuckDB's message, with its catalog guess replaced by the closest of our views."""
+    """DuckDB's first line, with its catalog guess replaced by the closest of our views."""
     m = re.search(r"Table with name (\S+) does not exist", message)
+    first = _first_line(message)
     if m is None:
-        return message
-    first = message.split("\n", 1)[0]
+        return first
     close = difflib.get_close_matches(m.group(1).lower(), list(VIEW_BY_NAME), n=1, cutoff=0.5)
     return first + (f' Did you mean "{close[0]}"?' if close else "")

@@ -16,8 +16,12 @@ The export is streamed prompt by prompt: per (view, template) one open Parquet w
 at most ``ROW_GROUP_BYTES`` of rows, so memory does not grow with the number of prompts. It is
 written under ``DIR.partial`` and renamed to DIR when complete, so DIR is whole or absent.
 
-``Warehouse(DIR)`` recognises an export (``export.json``) and registers each view over its
-Parquet files (``ParquetExport.source``): every named analysis runs on either form.
+Integrity: every Parquet page carries a CRC32 checksum (``write_page_checksum``), and the
+SHA-256 of every file is written to ``export.sha256`` (``sha256sum`` format) before DIR.partial
+is renamed to DIR, so a published export always has its ledger.
+
+Reading (``Warehouse(DIR)``, ``echowh verify -w DIR``) is ``query.export_read``; this module
+only writes (it opens the warehouse with ``query.warehouse``, which imports only the reader).
 """
 
 from __future__ import annotations
@@ -40,35 +44,30 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from query.errors import QueryError
+from query.export_read import (
+    EXPORT_FILE,
+    EXPORT_KIND,
+    EXPORT_LEDGER,
+    EXPORT_VERSION,
+    PART_NAME,
+    PARTITION,
+    ParquetExport,
+    file_schema,
+    is_export,
+    partitioned,
+)
 from query.heavy import HeavyReader
 from query.light import LIGHT, ablation_shard_columns, table
 from query.shards import Shards
-from query.views import VIEWS, View, arrow_schema, polars_schema
+from query.views import VIEWS, View, arrow_schema
+from query.warehouse import Warehouse
+from store.ledger import sha256_file
 from store.schema import ABLATION_DIR
 from store.shard import fsync_dir
 
-EXPORT_FILE = "export.json"
-EXPORT_KIND = "echo-warehouse-parquet"
-EXPORT_VERSION = 1
-PARTITION = "template_index"
+__all__ = ["EXPORT_FILE", "ExportSummary", "ParquetExport", "check_destination", "export_parquet", "is_export"]
+
 ROW_GROUP_BYTES = 16 * 2**20  # rows buffered per (view, template) before a Parquet row group is written
-PART_NAME = "part-00000.parquet"
-
-
-def is_export(path: Path) -> bool:
-    return (Path(path) / EXPORT_FILE).is_file()
-
-
-def partitioned(view: View) -> bool:
-    return "prompt" in view.names
-
-
-def file_schema(view: View, d_model: int) -> pa.Schema:
-    """The columns stored in the view's Parquet files (the partition column is in the path)."""
-    schema = arrow_schema(view, d_model)
-    if partitioned(view) and PARTITION in schema.names:
-        schema = schema.remove(schema.get_field_index(PARTITION))
-    return schema
 
 
 @dataclass
@@ -98,7 +97,7 @@ class _Part:
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", write_page_checksum=True)
 
     def add(self, t: pa.Table) -> None:
         if t.num_rows == 0:
@@ -131,8 +130,6 @@ def check_destination(dest: Path, warehouse: Path) -> None:
 
 def export_parquet(warehouse: Path, dest: Path, progress: bool = True) -> ExportSummary:
     """Write every view of ``warehouse`` as Parquet under ``dest`` (see the module docstring)."""
-    from query.warehouse import Warehouse
-
     warehouse, dest = Path(warehouse), Path(dest)
     if is_export(warehouse):
         raise QueryError(f"{warehouse} is already a Parquet export; give the HDF5 warehouse with -w")
@@ -147,6 +144,7 @@ def export_parquet(warehouse: Path, dest: Path, progress: bool = True) -> Export
             rows = _write(wh, partial, progress)
             n_prompts = len(wh.shards.prompts)
         size = sum(p.stat().st_size for p in partial.rglob("*.parquet"))
+        _write_ledger(partial)
         os.replace(partial, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -202,6 +200,18 @@ def _write(wh: Any, out: Path, progress: bool) -> dict[str, int]:
     return rows
 
 
+def _write_ledger(out: Path) -> None:
+    """SHA-256 of every file of the export, durable before the export is renamed into place."""
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    lines = "".join(f"{sha256_file(p)}  {p.relative_to(out).as_posix()}\n" for p in files)
+    with open(out / EXPORT_LEDGER, "w") as fh:
+        fh.write(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+    for folder in {p.parent for p in files} | {out}:
+        fsync_dir(folder)
+
+
 def _templates(s: Shards, prompts: list[int]) -> dict[int, int]:
     """Template index of each prompt: from the manifest's prompt list, else the shard."""
     known = {int(e["index"]): int(e["template_index"]) for e in s.r.manifest.get("prompts", [])
@@ -233,30 +243,3 @@ def _prompt_rows(s: Shards, v: View, p: int, heavy: HeavyReader | None, ablated:
     one.prompts = np.array([p], dtype=np.int64)
     one._roles = {}
     return LIGHT[v.name](one)
-
-
-class ParquetExport:
-    """An export directory opened for ``Warehouse``: each view a Polars scan of its files."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.meta = json.loads((self.path / EXPORT_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise QueryError(f"{self.path / EXPORT_FILE} is unreadable ({e})") from None
-        if self.meta.get("kind") != EXPORT_KIND or self.meta.get("version") != EXPORT_VERSION:
-            raise QueryError(f"{self.path} is not an echo-warehouse Parquet export of version {EXPORT_VERSION}")
-        self.d_model = int(self.meta["d_model"])
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
-
-    def source(self, view: View) -> pl.LazyFrame:
-        """The view as a lazy scan (DuckDB pushes filters and projections into it)."""
-        folder = self.path / view.name
-        if not folder.is_dir():
-            raise QueryError(f"{self.path} has no {view.name}/ folder: an incomplete export")
-        schema = polars_schema(view, self.d_model)
-        if partitioned(view):
-            lf = pl.scan_parquet(str(folder / f"{PARTITION}=*" / "*.parquet"), hive_partitioning=True)
-        else:
-            lf = pl.scan_parquet(str(folder / "*.parquet"))
-        return lf.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])

@@ -24,13 +24,12 @@ def _prompts(s: Shards) -> pa.Table:
     for p in s.prompts.tolist():
         with s.reading(p):
             a = s.r.prompt_attrs(p)
-            f = s.r.shard(p)
-            logits = f.get(F.FINAL_LOGITS.name)
+            # both datasets are required: a missing or damaged one raises, naming the shard
+            logits = s.r.read(F.FINAL_LOGITS, p)  # (V,)
             tid = a.get("target_id")
-            ok = logits is not None and tid is not None and 0 <= tid < logits.shape[0]
+            ok = tid is not None and 0 <= tid < logits.shape[0]
             rows["target_logit"].append(float(logits[int(tid)]) if ok else None)
-            scale = f.get(F.FINAL_SCALE.name)
-            rows["final_scale"].append(float(scale[()]) if scale is not None else None)
+            rows["final_scale"].append(float(s.r.read(F.FINAL_SCALE, p)[()]))
         rows["prompt"].append(p)
         ws, we = s.word_span(p, a)
         rows["word_start"].append(ws)

@@ -28,11 +28,11 @@ from polars.io.plugins import register_io_source
 from query.analyses import get_analysis, is_comparison
 from query.connection import ReadOnlyConnection, default_memory_limit
 from query.errors import QueryError
-from query.export import ParquetExport, is_export
+from query.export_read import ParquetExport, is_export
 from query.heavy import HeavyReader
 from query.light import LIGHT
 from query.shards import Shards, model_label, shard_error
-from query.views import VIEWS, View, arrow_schema
+from query.views import VIEWS, View, arrow_schema, polars_schema
 from store import WarehouseError, WarehouseReader
 
 __all__ = ["Warehouse", "WarehouseSources", "default_memory_limit"]
@@ -69,7 +69,8 @@ class WarehouseSources:
     inside a scan is kept in ``failure`` (DuckDB wraps what a source raises).
     """
 
-    def __init__(self, path: Path | str, *, label: str | None = None, pushdown: bool = True) -> None:
+    def __init__(self, path: Path | str, *, label: str | None = None, pushdown: bool = True,
+                 check_export: bool = True) -> None:
         self.path = Path(path)
         self.pushdown = pushdown
         self.failure: QueryError | None = None
@@ -80,7 +81,7 @@ class WarehouseSources:
         self._label = label
         try:
             if is_export(self.path):
-                self.export = ParquetExport(self.path)
+                self.export = ParquetExport(self.path, check=check_export)
             else:
                 self.reader = WarehouseReader(self.path)
                 self.shards = Shards(self.reader, label=label)
@@ -117,9 +118,22 @@ class WarehouseSources:
     def manifest(self) -> dict[str, Any]:
         return self.export.manifest if self.export is not None else self.reader.manifest
 
+    @property
+    def note(self) -> str | None:
+        """What an unfinished warehouse lacks (store.reader.WarehouseReader.note)."""
+        return self.reader.note if self.reader is not None else None
+
+    def settle(self) -> None:
+        """Wait for the export checks a statement started (query.export_read); raise the first
+        mismatch (and remember it as the failure)."""
+        if self.export is not None:
+            self._guarded(self.export.settle, "export")
+
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+        if self.export is not None:
+            self.export.close()
 
     def _guarded(self, fn: Callable[[], Any], view: str) -> Any:
         """Run a read for ``view``; a broken shard is remembered (DuckDB wraps what we raise)."""
@@ -136,10 +150,7 @@ class WarehouseSources:
         """What DuckDB scans for a light or heavy view (derived views are SQL, not sources;
         an export holds every view, derived ones too, as Parquet)."""
         if self.export is not None:
-            lf = self._guarded(lambda: self.export.source(view), view.name)
-            if view.name == "models":  # the label given now (-w LABEL=DIR), as the HDF5 form has it
-                lf = lf.with_columns(pl.lit(self.label, dtype=pl.String).alias("model"))
-            return lf
+            return self._export_source(view)
         if view.heavy is None:
             return _WholeTable(arrow_schema(view, self.shards.d_model),
                                lambda: self._guarded(lambda: LIGHT[view.name](self.shards), view.name))
@@ -160,6 +171,29 @@ class WarehouseSources:
         return register_io_source(scan, schema=reader.schema)
 
 
+    def _export_source(self, view: View) -> Any:
+        """An export's view: its files are hashed against the export's ledger on the first
+        scan (query.export_read), then DuckDB's filters and columns go to the Parquet scan."""
+        lf = self._guarded(lambda: self.export.source(view), view.name)
+        if view.name == "models":  # the label given now (-w LABEL=DIR), as the HDF5 form has it
+            lf = lf.with_columns(pl.lit(self.label, dtype=pl.String).alias("model"))
+
+        def scan(with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+                 batch_size: int | None) -> Iterator[pl.DataFrame]:
+            self._guarded(lambda: self.export.check_view(view), view.name)
+            out = lf if predicate is None else lf.filter(predicate)
+            out = out if with_columns is None else out.select(with_columns)
+            out = out if n_rows is None else out.head(n_rows)
+            batches = out.collect_batches()
+            while True:
+                batch = self._guarded(lambda: next(batches, None), view.name)
+                if batch is None:
+                    return
+                yield batch
+
+        return register_io_source(scan, schema=polars_schema(view, self.export.d_model))
+
+
 class Warehouse(ReadOnlyConnection):
     """Opens a warehouse read-only; ``sql`` and ``run_analysis`` return Polars frames.
 
@@ -171,16 +205,18 @@ class Warehouse(ReadOnlyConnection):
     intermediates spill to a fresh temporary directory outside the warehouse and the current
     directory, removed on ``close``. ``timeout`` (seconds) interrupts a statement that runs
     longer, with a QueryError. ``label``: the model's name in the ``models`` view.
+    ``check_export=False`` (a Parquet export only): do not hash each view's files against the
+    export's ledger on its first scan (the file set and export.json are still checked).
     """
 
     def __init__(self, path: Path | str, threads: int | None = None, *, pushdown: bool = True,
                  memory_limit: str | None = None, timeout: float | None = None,
-                 label: str | None = None) -> None:
+                 label: str | None = None, check_export: bool = True) -> None:
         self.path = Path(path)
         self.pushdown = pushdown
         if timeout is not None and not timeout > 0:
             raise QueryError(f"timeout must be a positive number of seconds, got {timeout}")
-        self.src = WarehouseSources(self.path, label=label, pushdown=pushdown)
+        self.src = WarehouseSources(self.path, label=label, pushdown=pushdown, check_export=check_export)
         self.reader = self.src.reader
         self.shards = self.src.shards
         try:
@@ -191,14 +227,25 @@ class Warehouse(ReadOnlyConnection):
         exported = self.src.export is not None
         for v in VIEWS:
             if not v.sql or exported:
-                self.con.register(v.name, self.src.source(v))
+                self._register(v, self.src.source(v))
         for v in VIEWS:
             if v.sql and not exported:
                 self.con.execute(f"CREATE VIEW {v.name} AS {v.sql}")
         self._lock()
 
+    def _register(self, view: View, source: Any) -> None:
+        """Give ``view``'s source its name on the connection (the differential corpus wraps
+        each heavy view in a LIMIT subquery here, a form DuckDB cannot push filters into)."""
+        self.con.register(view.name, source)
+
     def _release(self) -> None:
         self.src.close()
+
+    def notes(self) -> list[str]:
+        return [self.src.note] if self.src.note else []
+
+    def _settle(self) -> None:
+        self.src.settle()
 
     def __enter__(self) -> Warehouse:
         return self

@@ -38,7 +38,9 @@ FIELDS: dict[str, tuple[Field, ...]] = {
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
     "patching": tuple(PATCHING_ATTRS)}
-NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold besides its datasets
+# attributes a reader does without: the word's span falls back to the position roles
+READER_OPTIONAL_ATTRS = {"word_start", "word_end"}
+NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold (older shards committed bfloat16)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Expect:
     modes: tuple[str, ...] | None = None  # ablation modes on axis M, when the manifest says
     positions: str | None = None
     layers: tuple[int, ...] | None = None  # ablated layers, when the manifest says
+    words: Mapping[int, str] = field(default_factory=dict)  # prompt index -> word
+    template_of: Mapping[int, int] = field(default_factory=dict)  # prompt index -> template index
+    templates: tuple[str, ...] | None = None  # the manifest's templates
 
     @classmethod
     def from_warehouse(cls, manifest: Mapping[str, Any], model_attrs: Mapping[str, Any]) -> Expect:
@@ -71,12 +76,17 @@ class Expect:
         layers = None
         if "ablate_layers" in cfg and "L" in dims:
             layers = tuple(cfg["ablate_layers"]) if cfg["ablate_layers"] is not None else tuple(range(dims["L"]))
+        prompts = [p for p in manifest.get("prompts", []) if isinstance(p, Mapping)]
+        templates = manifest.get("templates")
         return cls(
             fingerprint=manifest.get("fingerprint"),
             dims=dims,
             store_dtype=cfg.get("store_dtype", "float32"),
-            n_tokens={int(p["index"]): int(p["n_tokens"]) for p in manifest.get("prompts", [])
-                      if p.get("n_tokens") is not None},
+            n_tokens={int(p["index"]): int(p["n_tokens"]) for p in prompts if p.get("n_tokens") is not None},
+            words={int(p["index"]): p["word"] for p in prompts if p.get("word") is not None},
+            template_of={int(p["index"]): int(p["template_index"]) for p in prompts
+                         if p.get("template_index") is not None},
+            templates=tuple(templates) if isinstance(templates, list) else None,
             max_new_tokens=cfg.get("max_new_tokens"),
             head_out_all=cfg.get("head_out_all_positions"),
             modes=tuple(cfg["ablation"]) if cfg.get("ablation") is not None else None,
@@ -101,7 +111,10 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
     """The axis sizes this shard must have, and problems found in its attributes."""
     problems: list[str] = []
     dims = dict(expect.dims)
-    missing = [k for k in REQUIRED_ATTRS[kind] if k not in attrs] if strict else []
+    # a reader (not strict) needs them too: a missing one would read as NULL; model.h5's are
+    # checked whole by verify, and a reader names a missing one when it needs it
+    missing = [k for k in REQUIRED_ATTRS[kind] if k not in attrs
+               and (strict or (kind != "model" and k not in READER_OPTIONAL_ATTRS))]
     if missing:
         problems.append(f"attribute{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing")
     sv = text(attrs.get("schema_version"))
@@ -120,6 +133,7 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
             problems.append(f"n_tokens {t}, the manifest says {want} for prompt {index}")
         if isinstance(t, int):
             dims["T"] = t
+        problems += _prompt_identity(attrs, index, expect)
     if kind == "ablation":
         modes, layers = text(attrs.get("modes")), text(attrs.get("layers"))
         modes = [modes] if isinstance(modes, str) else modes
@@ -138,6 +152,24 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
         if "H" in expect.dims and h is not None and h != expect.dims["H"]:
             problems.append(f"n_heads {h}, the model has {expect.dims['H']}")
     return dims, problems
+
+
+def _prompt_identity(attrs: Mapping[str, Any], index: int | None, expect: Expect) -> list[str]:
+    """The shard's word, template index and template text against the manifest's."""
+    if index is None:
+        return []
+    out = []
+    word, ti = text(attrs.get("word")), text(attrs.get("template_index"))
+    if index in expect.words and word != expect.words[index]:
+        out.append(f"word {word!r} in the shard, the manifest says {expect.words[index]!r} for prompt {index}")
+    if index in expect.template_of and ti != expect.template_of[index]:
+        out.append(f"template_index {ti} in the shard, the manifest says {expect.template_of[index]} "
+                   f"for prompt {index}")
+    elif expect.templates is not None and isinstance(ti, int) and 0 <= ti < len(expect.templates):
+        tpl = text(attrs.get("template"))
+        if tpl is not None and tpl != expect.templates[ti]:
+            out.append(f"template {tpl!r} in the shard, the manifest's template {ti} is {expect.templates[ti]!r}")
+    return out
 
 
 def check_names(kind: Kind, names: set[str], expect: Expect, *, strict: bool) -> list[str]:
@@ -166,7 +198,7 @@ def _dtype_problem(ds: h5py.Dataset, fld: Field, store_dtype: str) -> str | None
         return None if ds.dtype.names == want else f"fields {ds.dtype.names} (expected {want})"
     if fld.activation and store_dtype == "bfloat16":
         ok = isinstance(t, h5py.h5t.TypeFloatID) and t.get_size() == 2 and t.get_fields() == BFLOAT16_FIELDS
-        return None if ok else f"type {ds.dtype} (expected the committed bfloat16 type)"
+        return None if ok else f"type {ds.dtype} (expected the bfloat16 type)"
     want = np.dtype(fld.dtype)
     if fld.activation and store_dtype == "float16":
         fallback = bool(ds.attrs.get("float16_overflow_fallback", False))

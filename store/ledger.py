@@ -74,9 +74,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_ledger(root: Path) -> dict[str, str] | None:
-    """Relative path -> recorded SHA-256 (the last entry wins); None when there is no ledger."""
-    path = Path(root) / LEDGER_NAME
+def read_ledger(root: Path, name: str = LEDGER_NAME) -> dict[str, str] | None:
+    """Relative path -> recorded SHA-256 (the last entry wins); None when there is no ledger.
+    ``name``: the ledger's file name (a Parquet export's is ``export.sha256``)."""
+    path = Path(root) / name
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:

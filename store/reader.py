@@ -13,6 +13,7 @@ import numpy as np
 
 from store.checks import FIELDS, Expect, Kind, check_dataset, check_names, shard_dims, text
 from store.errors import WarehouseError, first_line
+from store.layout import FINISHED, expected_files, manifest_problems, shard_files
 from store.schema import (
     ABLATION_DIR,
     MANIFEST_NAME,
@@ -51,11 +52,18 @@ def load_manifest(root: Path) -> dict[str, Any]:
             f"{root} has schema version {manifest.get('schema_version')}, this tool reads "
             f"{SCHEMA_VERSION}; re-run the extraction with this version"
         )
+    bad = manifest_problems(manifest)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WarehouseError(f"{mpath}: {bad[0]}{more}; this manifest was changed after the extraction: "
+                             "restore it, or re-run the extraction")
     return manifest
 
 
 class _Dataset(h5py.Dataset):
     """A dataset whose reads turn HDF5 failures (a Fletcher32 mismatch) into a WarehouseError."""
+
+    root: Path  # the warehouse, for the hint
 
     def __getitem__(self, args: Any, new_dtype: Any = None) -> Any:
         try:
@@ -70,10 +78,13 @@ class _Dataset(h5py.Dataset):
             raise _damaged(self, e) from None
 
 
-def _damaged(ds: h5py.Dataset, e: Exception) -> WarehouseError:
-    root = Path(ds.file.filename).parent.parent
+def _damaged(ds: _Dataset, e: Exception) -> WarehouseError:
     return WarehouseError(f"{ds.file.filename}: dataset {ds.name.lstrip('/')} is damaged ({first_line(e)}); "
-                          f"`echowh verify -w {root}` lists every damaged file")
+                          f"{verify_hint(ds.root)}")
+
+
+def verify_hint(root: Path) -> str:
+    return f"`echowh verify -w {root}` lists every damaged file"
 
 
 class _Attrs(Mapping[str, Any]):
@@ -101,7 +112,12 @@ class _Attrs(Mapping[str, Any]):
 
 
 class _Shard(h5py.File):
-    """A shard opened read-only whose datasets are checked against the schema on first use."""
+    """A shard opened read-only whose datasets are checked against the schema on first use.
+
+    ``names`` (the links listed when it was opened) decide what exists: a listed object that
+    fails to open (a damaged object header) raises a WarehouseError, from ``f[name]`` and
+    ``f.get(name)`` alike, never a KeyError or None.
+    """
 
     @property
     def attrs(self) -> _Attrs:  # type: ignore[override]
@@ -111,15 +127,26 @@ class _Shard(h5py.File):
     dims: dict[str, int]
     expect: Expect
     checked: set[str]
+    names: set[str]
+    root: Path
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lstrip("/") in self.names
+
+    def get(self, name: Any, default: Any = None, **kw: Any) -> Any:  # type: ignore[override]
+        if kw:
+            raise TypeError("a shard's get takes a name and a default only")
+        return self[name] if name in self else default  # noqa: SIM401 - this is get
 
     def __getitem__(self, name: Any) -> Any:
+        key = name.strip("/") if isinstance(name, str) else None
+        if key and "/" not in key and key not in self.names:
+            raise KeyError(f"{name} is not in {self.filename}")  # no such object: `get` returns None
         try:
             obj = super().__getitem__(name)
-        except (KeyError, OSError) as e:
-            if isinstance(e, KeyError) and not (isinstance(name, str) and name in self):
-                raise  # no such object: Group.get and `in` rely on this KeyError
+        except (KeyError, OSError, ValueError, RuntimeError) as e:
             raise WarehouseError(f"{self.filename}: object {name} is damaged ({first_line(e)}); "
-                                 "`echowh verify` lists every damaged file") from None
+                                 f"{verify_hint(self.root)}") from None
         if not isinstance(obj, h5py.Dataset):
             return obj
         key = obj.name.lstrip("/")
@@ -127,9 +154,11 @@ class _Shard(h5py.File):
             fld = next((f for f in FIELDS[self.kind] if f.name == key), None)
             bad = check_dataset(obj, fld, self.dims, self.expect) if fld is not None else None
             if bad:
-                raise WarehouseError(f"{self.filename}: {bad}; `echowh verify` lists every damaged file")
+                raise WarehouseError(f"{self.filename}: {bad}; {verify_hint(self.root)}")
             self.checked.add(key)
-        return _Dataset(obj.id)
+        ds = _Dataset(obj.id)
+        ds.root = self.root
+        return ds
 
 
 class WarehouseReader:
@@ -155,6 +184,35 @@ class WarehouseReader:
         self.manifest = load_manifest(self.root)
         self._files: dict[Path, _Shard] = {}
         self._expect: Expect | None = None
+        self.missing: list[str] = []  # shards an unfinished run has not written yet
+        self._check_shard_set()
+
+    def _check_shard_set(self) -> None:
+        """The shards on disk against the manifest: one the manifest does not imply is an error;
+        a missing one is an error when the run finished, and is listed in ``missing`` (see
+        ``note``) while it is still running or was killed."""
+        expected = expected_files(self.manifest)
+        on_disk = shard_files(self.root)
+        extra = sorted(on_disk - set(expected))
+        if extra:
+            raise WarehouseError(f"{self.root / extra[0]}: a shard the manifest does not list (stale or foreign)"
+                                 f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
+                                 f"{verify_hint(self.root)}")
+        missing = sorted(rel for rel in expected if rel not in on_disk and rel != MODEL_FILE)
+        if missing and self.manifest.get("status", "complete") in FINISHED:
+            raise WarehouseError(f"{self.root / missing[0]}: missing (the manifest lists it)"
+                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                 f"{verify_hint(self.root)}")
+        self.missing = missing
+
+    @property
+    def note(self) -> str | None:
+        """What an unfinished warehouse lacks, in one line (None when nothing is missing)."""
+        if not self.missing:
+            return None
+        return (f"{self.root} is unfinished (status {self.manifest.get('status')!r}): {len(self.missing)} "
+                f"shard(s) not written yet, e.g. {self.missing[0]}; answers cover only what is there "
+                f"(`echowh extract --out {self.root} --resume` completes it)")
 
     # -- files ---------------------------------------------------------------------------
     def expect(self) -> Expect:
@@ -172,13 +230,14 @@ class WarehouseReader:
             f = _Shard(path, "r", locking=False)
         except (OSError, KeyError) as e:
             raise WarehouseError(f"{path}: not a readable HDF5 shard ({first_line(e)}); "
-                                 f"`echowh verify -w {self.root}` lists every damaged file") from None
+                                 f"{verify_hint(self.root)}") from None
         try:
-            f.kind, f.checked = kind, set()
+            f.kind, f.checked, f.root, f.names = kind, set(), self.root, set()
+            f.names = set(h5py.File.keys(f))
             # model.h5's own sizes are the expectation: only its fingerprint is checked here
             f.expect = Expect(self.manifest.get("fingerprint"), {}) if kind == "model" else self.expect()
             f.dims, problems = shard_dims(kind, f.attrs, index, f.expect, strict=False)
-            problems += check_names(kind, set(f.keys()), f.expect, strict=False)
+            problems += check_names(kind, f.names, f.expect, strict=False)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             problems = [f"unreadable metadata ({first_line(e)})"]
         except WarehouseError:
@@ -187,8 +246,7 @@ class WarehouseReader:
         if problems:
             f.close()
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise WarehouseError(f"{path}: {problems[0]}{more}; `echowh verify -w {self.root}` "
-                                 "lists every damaged file")
+            raise WarehouseError(f"{path}: {problems[0]}{more}; {verify_hint(self.root)}")
         self._files[path] = f
         return f
 
@@ -243,8 +301,7 @@ class WarehouseReader:
     def read_model(self, field: Field) -> np.ndarray:
         f = self.model_file()
         if field.name not in f:
-            raise WarehouseError(f"{f.filename}: dataset {field.name} missing; "
-                                 f"`echowh verify -w {self.root}` lists every damaged file")
+            raise WarehouseError(f"{f.filename}: dataset {field.name} missing; {verify_hint(self.root)}")
         ds = f[field.name]
         if field.dtype == "str":
             return np.array(ds.asstr()[()], dtype=object)

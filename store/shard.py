@@ -5,6 +5,10 @@ checksums); every dataset with data is chunked with the Fletcher32 filter, so a 
 chunk raises on read instead of returning wrong numbers; scalars and empty arrays are compact
 (their bytes live in the checksummed object header); strings, as datasets or attributes, are
 fixed-length UTF-8 (variable-length strings live in the global heap, which has no checksum).
+
+Deterministic bytes: no object-header timestamps (``track_times`` off), file attributes written
+in name order at seal, bfloat16 as an inline (uncommitted) type: the same data gives the same
+file, and so the same ledger hash, whenever and however (straight, resumed, on Ray) it is written.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class ShardWriter:
         self.ledger = ledger
         self.staged = staged
         self.stamp = dict(stamp or {})
+        self._attrs: dict[str, Any] = {}
         self._f = h5py.File(self.tmp, "w", libver=LIBVER, locking=False)
 
     def _create(self, name: str, arr: np.ndarray, tid: h5py.h5t.TypeID | None = None,
@@ -114,6 +119,7 @@ class ShardWriter:
         """
         file_type = tid if tid is not None else h5py.h5t.py_create(arr.dtype, logical=True)
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_obj_track_times(False)  # no timestamps in the header: same data, same bytes
         if arr.ndim == 0:
             space = h5py.h5s.create(h5py.h5s.SCALAR)
             dcpl.set_layout(h5py.h5d.COMPACT)
@@ -160,19 +166,20 @@ class ShardWriter:
                 return
             self._create(name, arr.astype(np.float16))
             return
-        # bfloat16: a committed 16-bit float type, converted by HDF5 on write and read.
-        if "bfloat16" not in self._f:
-            bfloat16_type().commit(self._f.id, b"bfloat16")
-        self._create(name, arr, h5py.h5t.open(self._f.id, b"bfloat16"))
+        # bfloat16: a 16-bit float type in the dataset's header, converted by HDF5 on write and
+        # read (not committed: a committed type's header records its creation time)
+        self._create(name, arr, bfloat16_type())
 
     def attrs(self, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            data, dtype = _attr_value(v)
-            self._f.attrs.create(k, data, dtype=dtype)
+        """File attributes; written at ``seal`` in name order (the bytes never depend on the
+        order the caller set them in)."""
+        self._attrs.update(values)
 
     def seal(self) -> None:
         """Stamp, flush, close and fsync the ``*.partial`` file: its bytes are final."""
-        self.attrs({**self.stamp, "schema_version": SCHEMA_VERSION})
+        for k, v in sorted({**self._attrs, **self.stamp, "schema_version": SCHEMA_VERSION}.items()):
+            data, dtype = _attr_value(v)
+            self._f.attrs.create(k, data, dtype=dtype)
         self._f.flush()
         self._f.close()
         fd = os.open(self.tmp, os.O_RDONLY)

@@ -12,7 +12,6 @@ opened read-only without HDF5 file locking.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from store.checks import Expect, Kind, check_shard, text
 from store.errors import WarehouseError, first_line
+from store.layout import SHARD_NAME, expected_files
 from store.ledger import read_ledger, sha256_file
 from store.lock import current_writer
 from store.reader import load_manifest
@@ -38,10 +38,8 @@ from store.schema import (
     PT,
     A,
     F,
-    prompt_shard_name,
 )
 
-_SHARD = re.compile(r"^p(\d{5,})\.h5$")
 TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR}
 
 
@@ -83,7 +81,7 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
     try:
         manifest = load_manifest(root)
     except WarehouseError as e:
-        rep.problems.append(Problem(MANIFEST_NAME, str(e)))
+        rep.problems.append(Problem(MANIFEST_NAME, str(e).removeprefix(f"{root / MANIFEST_NAME}: ")))
         return rep
     add = lambda path, msg: rep.problems.append(Problem(path, msg))  # noqa: E731
     holder = current_writer(root)
@@ -96,16 +94,10 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
                            + ("; resume it with `echowh extract --resume`" if status == "running" else ""))
     cfg = manifest.get("config") or {}
     indices = [int(p["index"]) for p in manifest.get("prompts", [])]
-    expected: dict[str, tuple[Kind, int | None]] = {MODEL_FILE: ("model", None)}
-    for i in indices:
-        expected[f"{PROMPTS_DIR}/{prompt_shard_name(i)}"] = ("prompt", i)
-        if cfg.get("ablation"):
-            expected[f"{ABLATION_DIR}/{prompt_shard_name(i)}"] = ("ablation", i)
-
-    patching = _patching_expected(manifest)
-    expected.update({rel: ("patching", i) for rel, i in patching.items()})
+    expected = {rel: (e.kind, e.index) for rel, e in expected_files(manifest).items()}
+    patching = {rel for rel, (kind, _) in expected.items() if kind == "patching"}
     _foreign_files(root, set(indices), bool(cfg.get("ablation")), add)
-    _foreign_patching(root, set(patching), add)
+    _foreign_patching(root, patching, add)
     ledger = read_ledger(root)
     if ledger is None:
         add(LEDGER_NAME, "missing: no recorded SHA-256 to check the shards against")
@@ -149,14 +141,14 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
             add(p.name, "a partial write left by a killed run (`echowh extract --resume` removes it)")
         elif p.name not in TOP_LEVEL:
             add(p.name, "unknown file: not part of an echo-warehouse")
-        elif (p.name in (PROMPTS_DIR, ABLATION_DIR)) != p.is_dir():
+        elif (p.name in (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR)) != p.is_dir():
             add(p.name, "should be a directory")
     for sub in (PROMPTS_DIR, ABLATION_DIR):
         if not (root / sub).is_dir():
             continue
         for p in sorted((root / sub).iterdir()):
             rel = f"{sub}/{p.name}"
-            m = _SHARD.match(p.name)
+            m = SHARD_NAME.match(p.name)
             if p.name.endswith(PARTIAL_SUFFIX):
                 add(rel, "a partial write left by a killed run (`echowh extract --resume` removes it)")
             elif m is None or not p.is_file():
@@ -165,23 +157,6 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
                 add(rel, f"a shard of prompt {int(m.group(1))}, which the manifest does not list (stale or foreign)")
             elif sub == ABLATION_DIR and not ablation:
                 add(rel, "an ablation shard, but the run had no ablation (stale or foreign)")
-
-
-def _patching_expected(manifest: dict) -> dict[str, int]:
-    """patching/<a>-<b>/pNNNNN.h5 of a run with --patching: one per (pair, word), named by the
-    prompt index of the word's template-a prompt."""
-    cfg = manifest.get("config") or {}
-    if not cfg.get("patching"):
-        return {}
-    pairs = cfg.get("patch_pairs") or [[0, 1]]
-    index = {(p["word"], int(p["template_index"])): int(p["index"]) for p in manifest.get("prompts", [])}
-    out = {}
-    for a, b in pairs:
-        for w in manifest.get("words", []):
-            if (w, int(a)) in index and (w, int(b)) in index:
-                i = index[(w, int(a))]
-                out[f"{PATCHING_DIR}/{a}-{b}/{prompt_shard_name(i)}"] = i
-    return out
 
 
 def _foreign_patching(root: Path, expected: set[str], add: Callable[[str, str], None]) -> None:

@@ -78,7 +78,8 @@ def build(root: Path, *, ablation: bool = True, store_dtype: str = "float32",
     rng_all = np.random.default_rng(1)  # its own stream: the other values do not depend on it
     manifest = {
         "fingerprint": "test", "fingerprint_parts": {}, "model": {"id": "hand-made"},
-        "config": {"store_dtype": store_dtype}, "templates": TEMPLATES,
+        "config": {"store_dtype": store_dtype, "ablation": ["zero", "mean"] if ablation else []},
+        "status": "complete", "templates": TEMPLATES, "words": list(WORDS),
         "prompts": [{"index": i, "word": w, "template_index": t} for i, (w, t) in enumerate(PROMPTS)],
     }
     w = WarehouseWriter.create(root, manifest, resume=False)

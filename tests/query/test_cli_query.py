@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 import pytest
@@ -117,3 +118,32 @@ def test_an_empty_analysis_says_so(wh_no_ablation) -> None:
     assert r.stderr == ("note: no rows; the warehouse may not hold what the parameters ask for (its ablation "
                         "modes and layers are in the manifest's config)\n")
     assert r.stdout.startswith("prompt,word,")
+
+
+@pytest.mark.parametrize("how", ["hard link", "symlink", "dot-dot"])
+def test_output_that_resolves_into_the_warehouse_is_refused(wh_path, tmp_path, how: str) -> None:
+    """Issue 19.5: `ln W/manifest.json /tmp/x; query -o /tmp/x` replaced the manifest."""
+    before = {p: p.read_bytes() for p in wh_path.rglob("*") if p.is_file()}
+    target = wh_path / "manifest.json"
+    if how == "hard link":
+        out = tmp_path / "x.json"
+        os.link(target, out)
+    elif how == "symlink":
+        out = tmp_path / "x.json"
+        out.symlink_to(target)
+    else:
+        (tmp_path / "sub").mkdir()
+        out = tmp_path / "sub" / ".." / os.path.relpath(target, tmp_path)
+    r = run("query", "-w", str(wh_path), "--format", "json", "-o", str(out), "SELECT 1 AS x")
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith(f"Error: refusing to write {out} inside the warehouse {wh_path}")
+    assert {p: p.read_bytes() for p in wh_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_unrelated_hard_linked_output_is_written(wh_path, tmp_path) -> None:
+    out = tmp_path / "a.csv"
+    out.write_text("old")
+    os.link(out, tmp_path / "b.csv")
+    r = run("query", "-w", str(wh_path), "--format", "csv", "-o", str(out), "SELECT 1 AS x")
+    assert r.exit_code == 0, r.output
+    assert out.read_text() == "x\n1\n"

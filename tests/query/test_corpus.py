@@ -1,7 +1,9 @@
-"""Differential query corpus: every statement gives the same answer with narrowed reads
-(DuckDB pushes its filters into the heavy views) and with every heavy view read whole and
-filtered by DuckDB itself (``Warehouse(pushdown=False)``); the issue's two reproductions also
-give their true answers, counted straight from the HDF5 files."""
+"""Differential query corpus: every statement gives the same answer in three forms: with
+narrowed reads (DuckDB pushes its filters into the heavy views), with every heavy view read
+whole and filtered by DuckDB itself (``Warehouse(pushdown=False)``, the reference), and with
+every heavy view wrapped in a ``LIMIT`` subquery, which DuckDB cannot push a filter through
+(:class:`Limited`); the issue's two reproductions also give their true answers, counted
+straight from the HDF5 files."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 
 from query import QueryError, Warehouse
 from store.schema import PROMPTS_DIR, prompt_shard_name
-from tests.query.conftest import L, T
+from tests.query.conftest import D, L, T
 from tests.query.corpus import generated, hand_written
 
 HAND = hand_written()
@@ -59,20 +61,47 @@ def _same(sql: str, got: tuple[str, Any], ref: tuple[str, Any]) -> bool:
     return all(_close(a, b) for a, b in zip(rows_a, rows_b, strict=True))
 
 
+EVERY_ROW = 2**62  # a LIMIT that keeps every row but stops DuckDB pushing filters into the scan
+
+
+class Limited(Warehouse):
+    """Each heavy view is ``SELECT * FROM <source> LIMIT 2^62``: DuckDB cannot push a filter
+    through a LIMIT, so the source gets none and DuckDB filters above it."""
+
+    def _register(self, view, source) -> None:
+        if view.heavy is None:
+            return super()._register(view, source)
+        self.con.register(f"_whole_{view.name}", source)
+        self.con.execute(f"CREATE VIEW {view.name} AS SELECT * FROM _whole_{view.name} LIMIT {EVERY_ROW}")
+
+
 @pytest.fixture(scope="module")
 def pair(built_all):
     root, _ = built_all
-    with Warehouse(root, threads=1) as narrowed, Warehouse(root, threads=1, pushdown=False) as whole:
-        yield narrowed, whole
+    with (Warehouse(root, threads=1) as narrowed, Warehouse(root, threads=1, pushdown=False) as whole,
+          Limited(root, threads=1) as limited):
+        yield narrowed, whole, limited
+
+
+def test_the_limit_form_pushes_no_filter(pair) -> None:
+    """The third form is not the first again: its source gets no filter and reads every slice."""
+    narrowed, _, limited = pair
+    sql = "SELECT sum(list_sum(vec)) AS s FROM resid WHERE layer = 1 AND prompt = 2"
+    n0, l0 = narrowed.bytes_read, limited.bytes_read
+    assert math.isclose(narrowed.sql(sql)["s"][0], limited.sql(sql)["s"][0], rel_tol=1e-6)
+    assert narrowed.bytes_read - n0 == T * D * 4  # one (prompt, boundary) slice of float32
+    assert limited.bytes_read - l0 == 4 * (L + 1) * T * D * 4  # every prompt, every boundary
 
 
 def _differential(pair, corpus: list[str]) -> list[tuple[str, Any]]:
-    narrowed, whole = pair
+    narrowed, whole, limited = pair
     results, failures = [], []
     for sql in corpus:
-        got, ref = _run(narrowed, sql), _run(whole, sql)
+        got, ref, lim = _run(narrowed, sql), _run(whole, sql), _run(limited, sql)
         if not _same(sql, got, ref):
             failures.append(f"{sql}\n  narrowed: {str(got)[:300]}\n  whole:    {str(ref)[:300]}")
+        if not _same(sql, lim, ref):
+            failures.append(f"{sql}\n  LIMIT form: {str(lim)[:300]}\n  whole:      {str(ref)[:300]}")
         results.append(ref)
     assert not failures, f"{len(failures)} of {len(corpus)} statements differ:\n" + "\n".join(failures[:10])
     return results

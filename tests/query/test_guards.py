@@ -68,6 +68,39 @@ def test_cli_memory_limit(wh_path) -> None:
     assert r.output.startswith("Error: cannot open DuckDB (") and "--memory-limit 'lots'" in r.output
 
 
+
+def test_out_of_memory_is_one_line_with_our_advice_not_duckdbs(wh_path) -> None:
+    """Issue 19.7: 9 lines, including DuckDB's "SET threads" advice, which the tool refuses."""
+    r = run("query", "-w", str(wh_path), "--memory-limit", "2MB", "SELECT list(range) AS l FROM range(3000000)")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: Out of Memory Error: ")
+    assert r.output.endswith("; raise --memory-limit (now 2MB) or select fewer rows or columns\n")
+    assert "SET threads" not in r.output
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["-a", "head_dla", "-p", "layer=99999999999"], "Error: parameter layer takes an INTEGER (32-bit), got 99999999999\n"),
+    (["SELECT 300::TINYINT AS x"], "Error: Conversion Error: Type INT32 with value 300 can't be cast because the "
+                                   "value is out of range for the destination type INT8\n"),
+])
+def test_duckdb_errors_are_their_first_line(wh_path, args: list[str], line: str) -> None:
+    """Issue 19.7: an out-of-range value printed DuckDB's 4-line error (LINE, caret)."""
+    r = run("query", "-w", str(wh_path), *args)
+    assert r.exit_code == 1 and r.output == line
+
+
+@pytest.mark.parametrize("args", [
+    ["SELECT 1::UNION(a INT, b VARCHAR) AS u"],
+    ["--format", "csv", "SELECT MAP {'a':1} AS m"],
+    ["--format", "csv", "SELECT * FROM duckdb_settings()"],
+])
+def test_the_issues_tracebacks_are_results(wh_path, args: list[str]) -> None:
+    """Issue 19.6: each of these was a Polars traceback."""
+    r = run("query", "-w", str(wh_path), *args)
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert r.output.strip()
+
+
 EXPLAINS = [
     "EXPLAIN SELECT * FROM resid WHERE layer = 1",
     "EXPLAIN ANALYZE SELECT * FROM resid WHERE layer = 1",
