@@ -8,25 +8,28 @@
 - FV_k: the sum of the top-k heads' mean outputs by AIE (ties: the lower flat index l * H + h
   first, a stable sort), k in 5, 10, 20 (capped at L * H).
 
-Train-word residuals come from the model's own HF forward through extract.capture (hooks that
-only read); its logits are checked against the captured last residual (``capture_error``).
+Train-word residuals come from the model's own HF forward, read by hooks at the last position
+(the decoder layers' inputs, the final norm's input, o_proj's inputs); the model's logits are
+checked against the read last residual (``capture_error``). Per-head outputs: extract.capture's
+``head_outputs``.
 Every vector records the words it was built from (``built_from``): the interventions refuse to
 evaluate on any of them.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from extract.capture import capture, head_outputs
+from extract.capture import head_outputs
 from extract.families import Adapter
 from extract.taskvec.prompts import PromptSet, TVPrompt
 from store.taskvec_schema import FV_KS, TV, Compared, Kind
 
-CAPTURE_BATCH = 8  # prompts per captured forward (the capture also keeps attention patterns)
+BATCH = 16  # prompts of equal length per forward
 
 
 @dataclass
@@ -36,12 +39,33 @@ class LastStates:
     resid: torch.Tensor  # (N, B, D) every boundary
     z: torch.Tensor  # (N, L, H*hd) o_proj input
     head_out: torch.Tensor  # (N, L, H, D) per-head outputs (frozen gain under sandwich norms)
-    capture_error: float  # max rel error of the captured last residual's logits vs the model's
+    capture_error: float  # max rel error of the last residual's logits vs the model's own
+
+
+@contextmanager
+def _read_last(ad: Adapter, got: dict):
+    """Hooks that only read, at the last position: every decoder layer's input (boundary l),
+    the final norm's input (boundary L) and every o_proj input."""
+    L = ad.arch.n_layers
+
+    def keep(key):
+        def fn(mod, args, kw):
+            got[key] = (args[0] if args else kw["hidden_states"])[:, -1].float()
+        return fn
+
+    hs = [ad.layers[i].register_forward_pre_hook(keep(("r", i)), with_kwargs=True) for i in range(L)]
+    hs.append(ad.final_norm.register_forward_pre_hook(keep(("r", L)), with_kwargs=True))
+    hs += [ad.o_proj(i).register_forward_pre_hook(keep(("z", i)), with_kwargs=True) for i in range(L)]
+    try:
+        yield
+    finally:
+        for h in hs:
+            h.remove()
 
 
 @torch.no_grad()
 def last_states(ad: Adapter, prompts: list[TVPrompt]) -> LastStates:
-    """One captured HF forward per batch of equal-length prompts; the last position kept."""
+    """The model's own HF forward per batch of equal-length prompts, read at the last position."""
     a = ad.arch
     L, H, D = a.n_layers, a.n_heads, a.d_model
     dev = ad.lm_head.weight.device
@@ -54,18 +78,19 @@ def last_states(ad: Adapter, prompts: list[TVPrompt]) -> LastStates:
     for i, p in enumerate(prompts):
         by_len.setdefault(p.n_tokens, []).append(i)
     for idx in by_len.values():
-        for c in range(0, len(idx), CAPTURE_BATCH):
-            sel = idx[c : c + CAPTURE_BATCH]
-            cap = capture(ad, torch.tensor([prompts[i].prompt.input_ids for i in sel], device=dev))
-            r = cap.resid[:, :, -1].float()  # (b, B, D)
-            zz = cap.z[:, :, -1].float()  # (b, L, H*hd)
-            resid[sel], z[sel] = r, zz
+        for c in range(0, len(idx), BATCH):
+            sel = idx[c : c + BATCH]
+            got: dict = {}
+            with _read_last(ad, got):
+                ids = torch.tensor([prompts[i].prompt.input_ids for i in sel], device=dev)
+                ref = ad.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+            resid[sel] = torch.stack([got[("r", b)] for b in range(L + 1)], 1)  # (b, B, D)
+            zz = torch.stack([got[("z", m)] for m in range(L)], 1)  # (b, L, H*hd)
+            z[sel] = zz
             for layer in range(L):
                 heads[sel, layer] = head_outputs(ad, zz[:, layer][:, None], layer)[0][:, 0]  # (b, H, D)
-            ref = cap.logits.float()
-            own = ad.logits(cap.resid[:, L, -1])  # (b, V)
+            own = ad.logits(got[("r", L)].to(ad.lm_head.weight.dtype))  # (b, V)
             err = max(err, float((own - ref).abs().max()) / max(1.0, float(ref.abs().max())))
-            del cap
     return LastStates(resid, z, heads, err)
 
 
