@@ -8,7 +8,7 @@ o_proj-input slice inside block ``m`` at the last position is replaced. Nothing 
 extract.patching_grid's start position):
 
 - the keys and values of positions ``< start`` are the clean ones, recorded once per prompt
-  group with the engine's own blocks (``_prefix``) and attended to as a shared cache;
+  group with the engine's own blocks (``prefix_kv``) and attended to as a shared cache;
 - a **spine** row per prompt runs positions ``start..T-1`` from the embedding, clean: its logits
   are the clean reference, and every intervention row joins the batch at its block ``m`` as a
   copy of the spine's state there, edited. An edit that changes nothing (c = 0, a self-patch)
@@ -73,8 +73,9 @@ def _positions(a: int, b: int, dev) -> torch.Tensor:
     return torch.arange(a, b, device=dev)[None]  # (1, b - a)
 
 
-def _prefix(ad: Adapter, ids: torch.Tensor, start: int, rope) -> tuple[list, list]:
-    """Clean keys and values of positions 0..start-1 per layer [(G, KV, start, hd)] x 2."""
+def prefix_kv(ad: Adapter, ids: torch.Tensor, start: int, rope) -> tuple[list, list]:
+    """Clean keys and values of positions 0..start-1 per layer [(G, KV, start, hd)] x 2, from the
+    engine's own blocks (a group's later runs from ``start' <= start`` slice them)."""
     L = ad.arch.n_layers
     if start == 0:
         return [None] * L, [None] * L
@@ -88,6 +89,11 @@ def _prefix(ad: Adapter, ids: torch.Tensor, start: int, rope) -> tuple[list, lis
         vs.append(o.v[0].transpose(0, 1))
         h = o.h
     return ks, vs
+
+
+def _slice(kv: list, prompts: slice, start: int) -> list:
+    """Per layer (G, KV, P, hd) -> the prompts' first ``start`` positions (None when start is 0)."""
+    return [None if x is None or start == 0 else x[prompts, :, :start] for x in kv]
 
 
 def _joining(ad: Adapter, h: torch.Tensor, edits: list[Edit]) -> tuple[torch.Tensor, Ablate | None]:
@@ -137,13 +143,14 @@ def _wave(ad: Adapter, ids: torch.Tensor, start: int, edits: list[Edit], order: 
 
 @torch.no_grad()
 def run_group(ad: Adapter, ids: torch.Tensor, start: int, edits: Sequence[Edit], rope, sink: Sink,
-              rows_per_pass: int | None = None) -> torch.Tensor:
+              rows_per_pass: int | None = None, prefix: tuple[list, list] | None = None) -> torch.Tensor:
     """Every edit on every prompt of ``ids`` (G, T), from position ``start`` on.
 
     Calls ``sink(g, edit indices, logits (n, V), spine (V,))`` (float32) per prompt and chunk,
     the spine being the clean run of the same batch (an edit that changes nothing equals it bit
     for bit); returns the first chunk's spine logits (G, V), the stored clean reference (another
     chunk's spine, in a batch of another shape, may differ from it by float rounding).
+    ``prefix``: ``prefix_kv`` of these prompts from a start >= ``start`` (else computed here).
     """
     G, T = ids.shape
     assert 0 <= start < T, (start, T)
@@ -153,9 +160,11 @@ def run_group(ad: Adapter, ids: torch.Tensor, start: int, edits: Sequence[Edit],
     n_per = max(1, R // (gc * S) - 1)
     order = sorted(range(len(edits)), key=lambda i: edits[i].layer)
     clean = torch.empty(G, ad.arch.vocab_size, device=ids.device)
+    if prefix is None:
+        prefix = prefix_kv(ad, ids, start, rope)
     for g0 in range(0, G, gc):
         sub = ids[g0 : g0 + gc]
-        pk, pv = _prefix(ad, sub, start, rope)
+        pk, pv = (_slice(kv, slice(g0, g0 + gc), start) for kv in prefix)
         for c0 in range(0, max(1, len(order)), n_per):
             chunk = order[c0 : c0 + n_per]
             last = _wave(ad, sub, start, list(edits), chunk, pk, pv, rope)  # (g, 1 + n, D)

@@ -22,7 +22,7 @@ import torch
 
 from extract.families import Adapter
 from extract.prompts import choose_target
-from extract.taskvec.engine import Edit, hf_last_logits, run_group
+from extract.taskvec.engine import Edit, hf_last_logits, prefix_kv, run_group
 from extract.taskvec.prompts import PromptSet, TVPrompt
 from extract.taskvec.vectors import FunctionVectors, Vectors
 from store.schema import TOLERANCE
@@ -183,35 +183,42 @@ def _clean_ref(p: TVPrompt, clean: torch.Tensor) -> tuple[int, float, int, int, 
 def run_rows(ad: Adapter, ps: PromptSet, words: tuple[str, ...], rows: list[Row], vec: Vectors,
              fv: FunctionVectors | None = None, clean_kinds: tuple[Kind, ...] = (),
              tick=lambda n: None) -> dict[str, WordResult]:
-    """Every row on every word (held-out only: asserted), batched per (kind, positions, length)."""
+    """Every row on every word (held-out only: asserted), batched per (kind, length, positions).
+
+    Per (kind, length) group: one clean prefix (keys and values of positions < T - 1) shared by
+    the last-position and from-verb runs, and one plain HF forward (the clean_is_model check)."""
     leaked = set(words) & set(vec.built_from)
     assert not leaked, f"vectors built from {sorted(leaked)} must not be evaluated on them"
     dev = ad.lm_head.weight.device
     res = {w: _new_result(ps, w, rows) for w in words}
-    by_kw: dict[tuple[Kind, Where], list[int]] = defaultdict(list)
+    by_kind: dict[Kind, dict[Where, list[int]]] = defaultdict(dict)
     for q, r in enumerate(rows):
-        by_kw[(r.kind, r.where)].append(q)
+        by_kind[r.kind].setdefault(r.where, []).append(q)
     for k in clean_kinds:
-        by_kw.setdefault((k, Where.LAST), [])
+        by_kind[k].setdefault(Where.LAST, [])
     rope = ad.rope(max(p.n_tokens for p in ps.prompts.values()))
-    for (kind, where), qs in sorted(by_kw.items()):
-        edits = [edit_for(rows[q], vec, fv) for q in qs]
-        groups: dict[tuple[int, int], list[TVPrompt]] = defaultdict(list)
+    for kind, wheres in sorted(by_kind.items()):
+        groups: dict[int, list[TVPrompt]] = defaultdict(list)
         for p in ps.of(kind, words):
-            start = p.n_tokens - 1 if where == Where.LAST else p.verb_pos
-            assert start >= 0, f"{kind.name} prompts have no verb to steer from"
-            groups[(p.n_tokens, start)].append(p)
-        for (_, start), group in sorted(groups.items()):
+            groups[p.n_tokens].append(p)
+        for T, group in sorted(groups.items()):
             ids = torch.tensor([p.prompt.input_ids for p in group], device=dev)
-
-            def sink(g, idx, logits, spine, group=group, qs=qs):
-                _metrics(res[group[g].word], group[g], [qs[i] for i in idx], logits, spine)
-
-            clean = run_group(ad, ids, start, edits, rope, sink)
+            prefix = prefix_kv(ad, ids, T - 1, rope)  # shared by every start of this group
             model = hf_last_logits(ad, ids)
-            for g, p in enumerate(group):
-                res[p.word].checks["taskvec_clean_is_model"].update(clean[g], model[g])
-                if where == Where.LAST:
-                    res[p.word].clean[kind] = _clean_ref(p, clean[g])
-            tick(len(group) * max(1, len(edits)))
+            for where, qs in sorted(wheres.items()):
+                start = T - 1 if where == Where.LAST else group[0].verb_pos
+                if where == Where.FROM_VERB:
+                    assert start >= 0 and all(p.verb_pos == start for p in group), \
+                        f"{kind.name} prompts of {T} tokens need one verb position to steer from"
+                edits = [edit_for(rows[q], vec, fv) for q in qs]
+
+                def sink(g, idx, logits, spine, group=group, qs=qs):
+                    _metrics(res[group[g].word], group[g], [qs[i] for i in idx], logits, spine)
+
+                clean = run_group(ad, ids, start, edits, rope, sink, prefix=prefix)
+                for g, p in enumerate(group):
+                    res[p.word].checks["taskvec_clean_is_model"].update(clean[g], model[g])
+                    if where == Where.LAST:
+                        res[p.word].clean[kind] = _clean_ref(p, clean[g])
+                tick(len(group) * max(1, len(edits)))
     return res

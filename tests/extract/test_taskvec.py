@@ -9,8 +9,9 @@
 - the AIE of a head == the mean over held-out words of a hooked forward's P(target) change with
   that head's mean slice put in through a hook on o_proj's input (1e-4 absolute on probabilities);
 - the metrics == their definitions recomputed from hooked logits;
-- c = 0 and self-patches reproduce the engine's clean reference bit for bit; the clean reference
-  == the model's plain forward at 1e-4;
+- c = 0 and self-patches reproduce the engine's clean reference (the edited input is the clean
+  one bit for bit; batch rows may round apart: 1e-6 relative); the clean reference == the
+  model's plain forward at 1e-4;
 - train/held-out separation: demonstrations come from train words only, never the query, and no
   vector is evaluated on a word it was built from.
 """
@@ -50,11 +51,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> float:
     return err
 
 
+SYSTEM = "Be brief."  # a short system prompt keeps the chat prompts (and the tests) short
+_SETUP: dict[str, tuple] = {}
+
+
 def _setup(path: str):
-    model, tok, _ = load_model(path, device="cpu", progress=False)
-    ad = Adapter(model)
-    ps = build_set(tok, WORDS, n_demos=N_DEMOS)
-    return ad, tok, ps, build_vectors(ad, ps)
+    """(adapter, tokenizer, prompt set, train vectors) of a model folder, built once per session."""
+    if path not in _SETUP:
+        model, tok, _ = load_model(path, device="cpu", progress=False)
+        ad = Adapter(model)
+        ps = build_set(tok, WORDS, n_demos=N_DEMOS, system_prompt=SYSTEM)
+        _SETUP[path] = (ad, tok, ps, build_vectors(ad, ps))
+    return _SETUP[path]
 
 
 # -- the independent reference: one hooked HF forward per edit --------------------------------
@@ -119,7 +127,7 @@ def _sample_rows(L: int, H: int) -> dict[tuple[Kind, Where], list[Row]]:
     }
 
 
-def _engine_equals_hooked(ad: Adapter, ps, vec, rows_per_pass: int | None) -> None:
+def _engine_equals_hooked(ad: Adapter, ps, vec, rows_per_pass: int | None, n_words: int = 4) -> None:
     a = ad.arch
     L, H = a.n_layers, a.n_heads
     fv = function_vectors(vec, torch.arange(L * H, dtype=torch.float32).view(L, H))
@@ -128,7 +136,7 @@ def _engine_equals_hooked(ad: Adapter, ps, vec, rows_per_pass: int | None) -> No
     for (kind, where), rows in _sample_rows(L, H).items():
         edits = [edit_for(r, vec, fv) for r in rows]
         by_len: dict[int, list] = {}
-        for p in ps.of(kind, ps.split.held_out):
+        for p in ps.of(kind, ps.split.held_out[:n_words]):
             by_len.setdefault(p.n_tokens, []).append(p)
         for group in by_len.values():
             start = group[0].verb_pos if where == Where.FROM_VERB else group[0].n_tokens - 1
@@ -140,7 +148,8 @@ def _engine_equals_hooked(ad: Adapter, ps, vec, rows_per_pass: int | None) -> No
 
             ids = torch.tensor([p.prompt.input_ids for p in group])
             clean = run_group(ad, ids, start, edits, rope, sink, rows_per_pass=rows_per_pass)
-            for g, p in enumerate(group):
+            for g in sorted({0, len(group) - 1}):  # the first and last prompt of each batch
+                p = group[g]
                 ref_clean = _hf(ad, p.prompt.input_ids)
                 _close(clean[g], ref_clean)
                 for i, (row, edit) in enumerate(zip(rows, edits, strict=True)):
@@ -151,10 +160,22 @@ def _engine_equals_hooked(ad: Adapter, ps, vec, rows_per_pass: int | None) -> No
     assert moved > 1e-2, "the edits must change the logits, or this test proves nothing"
 
 
-@pytest.mark.parametrize("rows_per_pass", [None, 3])  # 3: every chunk of prompts and edits tiny
-def test_engine_equals_hooked_forward_qwen2_llama(tiny_model_dir, rows_per_pass):
+def test_engine_equals_hooked_forward_qwen2_llama(tiny_model_dir):
     ad, _, ps, vec = _setup(str(tiny_model_dir))
-    _engine_equals_hooked(ad, ps, vec, rows_per_pass)
+    _engine_equals_hooked(ad, ps, vec, None)
+
+
+@pytest.mark.slow
+def test_smollm2_sample_equals_hooked_forward(smollm2_dir):
+    """The embedded model: every edit kind at boundaries 0, 15 and 29 on the held-out "dog"."""
+    ad, _, ps, vec = _setup(str(smollm2_dir))
+    _engine_equals_hooked(ad, ps, vec, None, n_words=1)
+
+
+def test_engine_in_tiny_chunks_equals_hooked_forward(tiny_llama_dir):
+    """rows_per_pass 3: one prompt and at most two edits per chunk, the prefix sliced per chunk."""
+    ad, _, ps, vec = _setup(str(tiny_llama_dir))
+    _engine_equals_hooked(ad, ps, vec, 3)
 
 
 def test_engine_equals_hooked_forward_further_families(tiny_family_dir):
@@ -200,8 +221,11 @@ def test_vectors_equal_hooked_forwards(tiny_model_dir):
     z = torch.stack([r[1] for r in reads[Kind.DEMO]]).mean(0).view(L, H, hd)  # (L, H, hd)
     _close(vec.head_mean_z, z)
     # pre-norm families: head h's output = its z slice times its W_O slice, averaged over words
-    outs = torch.stack([torch.stack([torch.stack([ad.o_proj(lay).weight[:, h * hd:(h + 1) * hd] @ r[1][lay, h * hd:(h + 1) * hd]
-                                                  for h in range(H)]) for lay in range(L)]) for r in reads[Kind.DEMO]])
+    with torch.no_grad():
+        w_o = [ad.o_proj(lay).weight for lay in range(L)]  # (D, H*hd)
+        outs = torch.stack([torch.stack([torch.stack([w_o[lay][:, h * hd:(h + 1) * hd] @ zr[lay, h * hd:(h + 1) * hd]
+                                                      for h in range(H)]) for lay in range(L)])
+                            for _, zr in reads[Kind.DEMO]])  # (N, L, H, D)
     _close(vec.head_mean_out, outs.mean(0))
     aie = torch.randn(L, H, generator=torch.Generator().manual_seed(0))
     fv = function_vectors(vec, aie, (1, 3))
@@ -259,8 +283,10 @@ def test_metrics_and_invariants(tiny_model_dir):
     res = run_rows(ad, ps, held, rows, vec, fv, clean_kinds=(Kind.DEMO,))
     for w, r in res.items():
         checks = {c.invariant: c for c in r.checks.values()}
-        assert checks["taskvec_self_patch_is_clean"].max_abs_err == 0.0  # bit for bit
-        assert checks["taskvec_c0_is_clean"].max_abs_err == 0.0
+        # the edited row's input is the spine's bit for bit; the BLAS may still round a batch row
+        # differently from another (seen: 4e-7 relative on the tiny Qwen2), hence 1e-6, not 0
+        assert checks["taskvec_self_patch_is_clean"].rel_err <= 1e-6
+        assert checks["taskvec_c0_is_clean"].rel_err <= 1e-6
         assert checks["taskvec_clean_is_model"].rel_err <= TOL
         assert set(r.clean) == {Kind.DEMO, Kind.ZERO_SHOT, Kind.NEUTRAL, Kind.REPEAT}  # LAST-position kinds
         arrays = r.arrays()
@@ -321,3 +347,29 @@ def test_vectors_are_never_evaluated_on_their_words(tiny_llama_dir):
     ad, _, ps, vec = _setup(str(tiny_llama_dir))
     with pytest.raises(AssertionError, match="must not be evaluated"):
         run_rows(ad, ps, ("dog", "cat"), [Row(Method.SELF_PATCH, Kind.ZERO_SHOT, 0)], vec)
+
+
+def test_results_are_keyed_by_the_schema_fields(tiny_llama_dir):
+    from extract.taskvec import vector_arrays
+    from store.taskvec_schema import TQ, TV
+
+    ad, _, ps, vec = _setup(str(tiny_llama_dir))
+    L, H = ad.arch.n_layers, ad.arch.n_heads
+    fv = function_vectors(vec, torch.ones(L, H))
+    rows = [Row(Method.SELF_PATCH, Kind.ZERO_SHOT, 0), Row(Method.STEER, Kind.ECHO, 1, coef=0.0)]
+    (res,) = run_rows(ad, ps, ps.split.held_out[:1], rows, vec, fv).values()
+    arrays = res.arrays()
+    fields = [f for f in vars(TQ).values() if hasattr(f, "axes")]
+    assert set(arrays) == set(fields)
+    for f, v in arrays.items():
+        if f.axes == ("Q",):
+            assert len(v) == len(rows), f.name
+    assert [r[0] for r in arrays[TQ.VALIDATION]] == ["taskvec_clean_is_model", "taskvec_self_patch_is_clean",
+                                                     "taskvec_c0_is_clean"]
+    assert all(r[4] for r in arrays[TQ.VALIDATION])
+    vecs = vector_arrays(ps, vec, fv)
+    assert set(vecs) == {f for f in vars(TV).values() if hasattr(f, "axes")} - {TV.VALIDATION}
+    sizes = {"W": len(WORDS), "S": 2, "B": L + 1, "D": ad.arch.d_model, "L": L, "H": H, "hd": ad.arch.head_dim,
+             "KF": 3, "KMAX": min(20, L * H), "CV": 6}
+    for f, v in vecs.items():
+        assert v.shape == tuple(sizes[x] for x in f.axes), f.name
