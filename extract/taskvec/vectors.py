@@ -27,6 +27,7 @@ import torch
 from extract.capture import head_outputs
 from extract.families import Adapter
 from extract.taskvec.prompts import PromptSet, TVPrompt
+from store.schema import TOLERANCE
 from store.taskvec_schema import FV_KS, TV, Compared, Kind
 
 BATCH = 16  # prompts of equal length per forward
@@ -39,7 +40,7 @@ class LastStates:
     resid: torch.Tensor  # (N, B, D) every boundary
     z: torch.Tensor  # (N, L, H*hd) o_proj input
     head_out: torch.Tensor  # (N, L, H, D) per-head outputs (frozen gain under sandwich norms)
-    capture_error: float  # max rel error of the last residual's logits vs the model's own
+    capture_error: float  # max rel error of the last residual's logits vs the model's own (rel only)
 
 
 @contextmanager
@@ -173,8 +174,9 @@ def cosines(vec: Vectors, fv: FunctionVectors) -> np.ndarray:
     return out
 
 
-def vector_arrays(ps: PromptSet, vec: Vectors, fv: FunctionVectors) -> dict:
-    """The ``taskvec/vectors.h5`` datasets keyed by store.taskvec_schema.TV fields (validation aside)."""
+def vector_arrays(ps: PromptSet, vec: Vectors, fv: FunctionVectors, dtype: str = "float32") -> dict:
+    """The ``taskvec/vectors.h5`` datasets keyed by store.taskvec_schema.TV fields; the validation
+    rows as (invariant, max_abs_err, rel_err, tolerance, passed) tuples (store.schema.VALIDATION_DTYPE)."""
     ks = sorted(fv.vector)
     kmax = max(len(fv.heads[k]) for k in ks)
     heads = np.full((len(ks), kmax), -1, dtype=np.int32)
@@ -197,4 +199,6 @@ def vector_arrays(ps: PromptSet, vec: Vectors, fv: FunctionVectors) -> dict:
         TV.FV_HEADS: heads,
         TV.FUNCTION_VECTOR: np.stack([np32(fv.vector[k]) for k in ks]),
         TV.COSINE: cosines(vec, fv),
+        TV.VALIDATION: [("taskvec_capture_is_model", float("nan"), vec.capture_error, TOLERANCE[dtype],
+                         vec.capture_error <= TOLERANCE[dtype])],
     }
