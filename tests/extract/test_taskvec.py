@@ -374,3 +374,29 @@ def test_results_are_keyed_by_the_schema_fields(tiny_llama_dir):
              "KF": 3, "KMAX": min(20, L * H), "CV": 6}
     for f, v in vecs.items():
         assert v.shape == tuple(sizes[x] for x in f.axes), f.name
+
+
+def test_run_study_end_to_end(tiny_llama_dir):
+    """Every phase on the tiny Llama: summaries equal their definitions over the word results."""
+    from extract.taskvec import run_study
+
+    ad, tok, _, _ = _setup(str(tiny_llama_dir))
+    L, H = ad.arch.n_layers, ad.arch.n_heads
+    r = run_study(ad, tok, WORDS, n_demos=N_DEMOS, system_prompt=SYSTEM, ks=(1, 2), coefs=(0.0, 1.0))
+    held = r.prompts.split.held_out
+    assert set(r.rows) == set(r.aie_rows) == set(held)
+    deltas = torch.zeros(L, H, dtype=torch.float64)
+    for w in held:
+        a = r.aie_rows[w]
+        base = a.clean[Kind.SHUFFLED][1]
+        for q, row in enumerate(a.rows):
+            deltas[row.layer, row.head] += (float(a.target_prob[q]) - base) / len(held)
+    _close(r.fv.aie, deltas, 1e-6)
+    assert r.fv.heads[2][0] == int(torch.argmax(deltas.view(-1)))
+    for acc in r.accuracy:
+        q = r.rows[held[0]].rows.index(acc.row)
+        assert acc.accuracy == pytest.approx(sum(bool(r.rows[w].echo_correct[q]) for w in held) / len(held))
+    assert set(r.baselines) == {Kind.DEMO, Kind.ZERO_SHOT, Kind.SHUFFLED, Kind.NEUTRAL, Kind.REPEAT, Kind.ECHO}
+    assert r.cosine.shape == (6, L + 1)
+    for w in held:
+        assert all(c.rel_err <= TOL for c in r.rows[w].checks.values())
