@@ -12,7 +12,9 @@ extract.patching_grid's start position):
 - a **spine** row per prompt runs positions ``start..T-1`` from the embedding, clean: its logits
   are the clean reference, and every intervention row joins the batch at its block ``m`` as a
   copy of the spine's state there, edited. An edit that changes nothing (c = 0, a self-patch)
-  therefore gives the spine's logits bit for bit;
+  therefore starts from the spine's state bit for bit, and ends at its logits up to the BLAS
+  rounding one batch row apart from another (0 on the tiny Llama, 4e-7 relative on the tiny
+  Qwen2: the stored invariants ``taskvec_self_patch_is_clean`` / ``taskvec_c0_is_clean``);
 - rows advance block by block together (batch axis 0 = prompts of one length, axis 1 = rows),
   so block ``m`` runs only the rows that can differ from the clean run.
 
@@ -147,8 +149,7 @@ def run_group(ad: Adapter, ids: torch.Tensor, start: int, edits: Sequence[Edit],
     """Every edit on every prompt of ``ids`` (G, T), from position ``start`` on.
 
     Calls ``sink(g, edit indices, logits (n, V), spine (V,))`` (float32) per prompt and chunk,
-    the spine being the clean run of the same batch (an edit that changes nothing equals it bit
-    for bit); returns the first chunk's spine logits (G, V), the stored clean reference (another
+    the spine being the clean run of the same batch (the reference of the row's metrics); returns the first chunk's spine logits (G, V), the stored clean reference (another
     chunk's spine, in a batch of another shape, may differ from it by float rounding).
     ``prefix``: ``prefix_kv`` of these prompts from a start >= ``start`` (else computed here).
     """
