@@ -218,7 +218,7 @@ def run_rows(ad: Adapter, ps: PromptSet, words: tuple[str, ...], rows: list[Row]
                 clean = run_group(ad, ids, start, edits, rope, sink, prefix=prefix)
                 for g, p in enumerate(group):
                     res[p.word].checks["taskvec_clean_is_model"].update(clean[g], model[g])
-                    if where == Where.LAST:
+                    if where == Where.LAST or kind not in res[p.word].clean:  # LAST's spine preferred
                         res[p.word].clean[kind] = _clean_ref(p, clean[g])
                 tick(len(group) * max(1, len(edits)))
     return res

@@ -291,7 +291,7 @@ def test_metrics_and_invariants(tiny_model_dir):
         assert checks["taskvec_self_patch_is_clean"].rel_err <= 1e-6
         assert checks["taskvec_c0_is_clean"].rel_err <= 1e-6
         assert checks["taskvec_clean_is_model"].rel_err <= TOL
-        assert set(r.clean) == {Kind.DEMO, Kind.ZERO_SHOT, Kind.NEUTRAL, Kind.REPEAT}  # LAST-position kinds
+        assert set(r.clean) == {Kind.DEMO, Kind.ZERO_SHOT, Kind.NEUTRAL, Kind.REPEAT, Kind.ECHO}
         arrays = r.arrays()
         assert all(len(v) == len(rows) for f, v in arrays.items() if f.axes == ("Q",))
         for q, row in enumerate(rows):
