@@ -30,14 +30,18 @@ from store.schema import (
     M,
 )
 from store.shard import BFLOAT16_FIELDS
+from store.taskvec_schema import TQ, TV, TV_ATTRS, TVW_ATTRS
 
-Kind = Literal["prompt", "ablation", "model", "patching"]
+# taskvec: taskvec/vectors.h5; taskvec_word: a held-out word's taskvec/{aie,interventions}/wNNNNN.h5
+Kind = Literal["prompt", "ablation", "model", "patching", "taskvec", "taskvec_word"]
 FIELDS: dict[str, tuple[Field, ...]] = {
     "prompt": F.ALL, "ablation": A.ALL, "model": M.ALL,
-    "patching": tuple(v for v in vars(PT).values() if isinstance(v, Field))}
+    "patching": tuple(v for v in vars(PT).values() if isinstance(v, Field)),
+    "taskvec": tuple(v for v in vars(TV).values() if isinstance(v, Field)),
+    "taskvec_word": tuple(v for v in vars(TQ).values() if isinstance(v, Field))}
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
-    "patching": tuple(PATCHING_ATTRS)}
+    "patching": tuple(PATCHING_ATTRS), "taskvec": TV_ATTRS, "taskvec_word": TVW_ATTRS}
 # attributes a reader does without: the word's span falls back to the position roles
 READER_OPTIONAL_ATTRS = {"word_start", "word_end"}
 NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold (older shards committed bfloat16)
@@ -124,8 +128,9 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
     if expect.fingerprint is not None and fp != expect.fingerprint:
         problems.append(f"fingerprint {fp!r} is not this warehouse's {expect.fingerprint!r} "
                         "(a shard from another warehouse or run)")
-    if kind != "model" and index is not None and text(attrs.get("prompt_index")) != index:
-        problems.append(f"prompt_index attribute {text(attrs.get('prompt_index'))} in the shard of prompt {index}")
+    at = "word_index" if kind == "taskvec_word" else "prompt_index"
+    if kind != "model" and index is not None and text(attrs.get(at)) != index:
+        problems.append(f"{at} attribute {text(attrs.get(at))} in the shard of {at.split('_')[0]} {index}")
     if kind == "prompt":
         t = text(attrs.get("n_tokens"))
         want = expect.n_tokens.get(index) if index is not None else None

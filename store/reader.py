@@ -25,6 +25,7 @@ from store.schema import (
     Field,
     prompt_shard_name,
 )
+from store.taskvec_schema import TASKVEC_DIR, VECTORS_FILE, word_shard_name
 
 
 def shard_indices(folder: Path) -> list[int]:
@@ -275,6 +276,26 @@ class WarehouseReader:
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
         kind: Kind = ("ablation" if subdir == ABLATION_DIR
                       else "patching" if subdir.split("/")[0] == PATCHING_DIR else "prompt")
+        return self._open(path, kind, index)
+
+    def taskvec_indices(self, subset: str) -> list[int]:
+        """Word indices of the complete ``taskvec/<subset>/wNNNNN.h5`` shards, sorted."""
+        folder = self.root / TASKVEC_DIR / subset
+        return sorted(int(p.stem[1:]) for p in folder.glob("w*.h5") if p.stem[1:].isdigit())
+
+    def has_taskvec(self) -> bool:
+        return (self.root / TASKVEC_DIR / VECTORS_FILE).exists()
+
+    def taskvec_file(self, subset: str | None = None, index: int | None = None) -> h5py.File:
+        """``taskvec/vectors.h5`` (no ``subset``) or a held-out word's ``taskvec/<subset>/wNNNNN.h5``,
+        checked on open like every shard (fingerprint, schema version, word index, datasets)."""
+        if subset is None:
+            path, kind = self.root / TASKVEC_DIR / VECTORS_FILE, "taskvec"
+        else:
+            assert index is not None, "a word shard needs its word index"
+            path, kind = self.root / TASKVEC_DIR / subset / word_shard_name(index), "taskvec_word"
+        if not path.exists():
+            raise WarehouseError(f"{path}: no such task-vector file; extract with --task-vectors")
         return self._open(path, kind, index)
 
     def model_file(self) -> h5py.File:
