@@ -26,3 +26,9 @@ def test_smoke(wh_dir):
         for v in ("taskvec_interventions", "taskvec_clean", "taskvec_aie", "taskvec_vectors", "taskvec_split",
                   "taskvec_validation"):
             print(v, wh.sql(f"SELECT * FROM {v}"))
+
+
+def test_analyses_smoke(wh_dir):
+    with Warehouse(wh_dir) as wh:
+        for a in ("taskvec_accuracy_by_layer", "taskvec_steering", "taskvec_top_heads", "taskvec_cosine"):
+            print(a, wh.run_analysis(a))
