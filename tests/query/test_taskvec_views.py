@@ -32,3 +32,11 @@ def test_analyses_smoke(wh_dir):
     with Warehouse(wh_dir) as wh:
         for a in ("taskvec_accuracy_by_layer", "taskvec_steering", "taskvec_top_heads", "taskvec_cosine"):
             print(a, wh.run_analysis(a))
+
+
+def test_report_smoke(wh_dir):
+    from reports.report import build, render_html
+    rep = build(wh_dir)
+    print([s.title for s in rep.sections])
+    print("\n".join(rep.findings))
+    render_html(rep)
