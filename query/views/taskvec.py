@@ -153,7 +153,7 @@ def _interventions(lo: Loader) -> pa.Table:
         fv, st = a[TQ.METHOD] == Method.FUNCTION_VECTOR, a[TQ.METHOD] == Method.STEER
         cols["k"] += [int(k) if f_ else None for k, f_ in zip(a[TQ.K], fv, strict=True)]
         sign = np.where(a[TQ.KIND] == Kind.REPEAT, -1.0, 1.0)
-        cols["coefficient"] += [float(s * c) if s_ else None for s, c, s_ in zip(sign, a[TQ.COEF], st, strict=True)]
+        cols["coefficient"] += [float(s * c) + 0.0 if s_ else None for s, c, s_ in zip(sign, a[TQ.COEF], st, strict=True)]
         cols["position_mode"] += [WHERE_NAMES[int(w)] for w in a[TQ.WHERE]]
         cols["target_prob"] += f[TQ.TARGET_PROB.name][()].tolist()
         cols["target_rank"] += f[TQ.TARGET_RANK.name][()].tolist()

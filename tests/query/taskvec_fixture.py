@@ -9,7 +9,15 @@ from pathlib import Path
 from extract.config import ExtractConfig
 from extract.models import Adapter, load_model
 from extract.run import extract
-from extract.taskvec import aie_table, build_set, build_vectors, function_vectors, plan_aie, plan_interventions, run_rows
+from extract.taskvec import (
+    aie_table,
+    build_set,
+    build_vectors,
+    function_vectors,
+    plan_aie,
+    plan_interventions,
+    run_rows,
+)
 from extract.taskvec.shard import (
     AIE_SET,
     INTERVENTIONS_SET,
@@ -52,7 +60,7 @@ def write_study(model_dir: Path, out: Path) -> None:
     w = WarehouseWriter(out)
     w.manifest = load_manifest(out)
     held = ps.split.held_out
-    for word, r in run_rows(ad, ps, held, plan_aie(a.n_layers, a.n_heads), vec).items():
+    for r in run_rows(ad, ps, held, plan_aie(a.n_layers, a.n_heads), vec).values():
         write_word(w, AIE_SET, r)
     aie = {word: read_word(out, AIE_SET, ps.split.words.index(word)) for word in held}
     fv = function_vectors(vec, aie_table(aie, a.n_layers, a.n_heads), KS)
