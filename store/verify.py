@@ -12,6 +12,7 @@ opened read-only without HDF5 file locking.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,18 @@ from store.schema import (
     A,
     F,
 )
+from store.taskvec_schema import (
+    AIE_SET,
+    INTERVENTIONS_SET,
+    TASKVEC_DIR,
+    TQ,
+    TV,
+    TV_INVARIANTS,
+    VECTORS_FILE,
+)
 
-TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR}
+TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, TASKVEC_DIR}
+TASKVEC_WORD = re.compile(r"^w(\d{5,})\.h5$")
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
     if ledger is None:
         add(LEDGER_NAME, "missing: no recorded SHA-256 to check the shards against")
     expect = _expect(root, manifest)
+    expected |= _taskvec_files(root, add)  # whatever task-vector files exist are checked in full
     for rel, (kind, index) in expected.items():
         if progress is not None:
             progress(len(expected), rel)
@@ -141,7 +153,7 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
             add(p.name, "a partial write left by a killed run (`echowh extract --resume` removes it)")
         elif p.name not in TOP_LEVEL:
             add(p.name, "unknown file: not part of an echo-warehouse")
-        elif (p.name in (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR)) != p.is_dir():
+        elif (p.name in (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, TASKVEC_DIR)) != p.is_dir():
             add(p.name, "should be a directory")
     for sub in (PROMPTS_DIR, ABLATION_DIR):
         if not (root / sub).is_dir():
@@ -176,6 +188,33 @@ def _foreign_patching(root: Path, expected: set[str], add: Callable[[str, str], 
                 add(rel, "not a patching shard of this run (stale, foreign or unknown)")
 
 
+def _taskvec_files(root: Path, add: Callable[[str, str], None]) -> dict[str, tuple[Kind, int | None]]:
+    """The task-vector files present (taskvec/vectors.h5, taskvec/{aie,interventions}/wNNNNN.h5),
+    to be checked like the shards; anything else under taskvec/ is reported."""
+    top = root / TASKVEC_DIR
+    out: dict[str, tuple[Kind, int | None]] = {}
+    if not top.is_dir():
+        return out
+    for p in sorted(top.iterdir()):
+        rel = p.relative_to(root).as_posix()
+        if p.name == VECTORS_FILE and p.is_file():
+            out[rel] = ("taskvec", None)
+        elif p.name in (AIE_SET, INTERVENTIONS_SET) and p.is_dir():
+            for q in sorted(p.iterdir()):
+                m = TASKVEC_WORD.match(q.name)
+                if q.name.endswith(PARTIAL_SUFFIX):
+                    add(q.relative_to(root).as_posix(), "a partial write left by a killed run")
+                elif m is None or not q.is_file():
+                    add(q.relative_to(root).as_posix(), "unknown file: not a task-vector shard")
+                else:
+                    out[q.relative_to(root).as_posix()] = ("taskvec_word", int(m.group(1)))
+        elif p.name.endswith(PARTIAL_SUFFIX):
+            add(rel, "a partial write left by a killed run")
+        else:
+            add(rel, "unknown file: not part of the task-vector layout")
+    return out
+
+
 def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> list[str]:
     """Structure (strict), every chunk's checksum, and the stored invariants of one file."""
     try:
@@ -195,7 +234,8 @@ def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> li
                     obj[()]  # reads every chunk: Fletcher32 verifies each one
             except (OSError, KeyError, ValueError) as e:
                 problems.append(f"dataset {name} is damaged ({first_line(e)})")
-        fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION, "patching": PT.VALIDATION}.get(kind)
+        fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION, "patching": PT.VALIDATION,
+               "taskvec": TV.VALIDATION, "taskvec_word": TQ.VALIDATION}.get(kind)
         if fld is not None and fld.name in f and not any(fld.name in p for p in problems):
             problems += _invariants(f[fld.name][()])
     return problems
@@ -205,7 +245,7 @@ def _invariants(rows: np.ndarray) -> list[str]:
     out = []
     for r in rows:
         name = text(r["invariant"])
-        if name not in INVARIANTS:
+        if name not in INVARIANTS and name not in TV_INVARIANTS:
             out.append(f"validation row {name!r} is not a known invariant")
         elif not bool(r["passed"]) or not float(r["rel_err"]) <= float(r["tolerance"]):
             out.append(f"invariant {name} failed (rel err {float(r['rel_err']):.3g} > tolerance "

@@ -30,8 +30,10 @@ from query import QueryError, Warehouse
 from reports.context import Ctx
 from reports.report import build, render_html
 from reports.sections import taskvec as section
+from store.ledger import LEDGER_NAME
 from store.schema import MODEL_FILE, M
 from store.taskvec_schema import TASKVEC_DIR, TQ, TV, VECTORS_FILE, Compared, Kind, Method, Where
+from store.verify import verify
 from store.warehouse import WarehouseWriter
 from tests.query import taskvec_fixture as fx
 
@@ -95,6 +97,22 @@ def test_a_foreign_shard_is_refused_on_read(wh_dir, tmp_path):
         f.attrs["fingerprint"] = "another-run"
     with Warehouse(bad) as wh, pytest.raises(QueryError, match="fingerprint"):
         wh.sql("SELECT count(*) FROM taskvec_interventions")
+    rel = f"{TASKVEC_DIR}/{INTERVENTIONS_SET}/w00003.h5"
+    probs = [p.message for p in verify(bad).problems if p.path == rel]
+    assert any("content differs" in m for m in probs) and any("fingerprint" in m for m in probs), probs
+
+
+def test_verify_checks_every_task_vector_file(wh_dir, tmp_path):
+    rep = verify(wh_dir)
+    assert not rep.problems, rep.problems
+    ledger = (wh_dir / LEDGER_NAME).read_text()
+    for rel in [f"{TASKVEC_DIR}/{VECTORS_FILE}"] + [f"{TASKVEC_DIR}/{s}/w{i:05d}.h5" for s in
+                                                    (AIE_SET, INTERVENTIONS_SET) for i in HELD]:
+        assert rel in ledger, rel  # every file's SHA-256 recorded by the writer
+    bad = tmp_path / "w"
+    shutil.copytree(wh_dir, bad)
+    (bad / TASKVEC_DIR / AIE_SET / "stray.txt").write_text("x")
+    assert [p.path for p in verify(bad).problems] == [f"{TASKVEC_DIR}/{AIE_SET}/stray.txt"]
 
 
 # -- views against the raw arrays ----------------------------------------------------------
