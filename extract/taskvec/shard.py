@@ -12,6 +12,8 @@ resumes by skipping what ``done_words`` lists):
   ``run_rows(..., plan_interventions(L), vec, fv, clean_kinds=(Kind.DEMO,))`` with the word's
   shuffled clean reference copied in from its AIE result (``with_shuffled``), as ``run_study`` does.
 
+``write_study(writer, run_study(...), meta)`` writes all three from one finished study (no resume).
+
 Every file carries the warehouse's fingerprint (the writer's manifest) and a ``validation``
 array (store.schema.VALIDATION_DTYPE) of the store.taskvec_schema.TV_INVARIANTS it checked.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 from extract.taskvec.interventions import Check, Row, WordResult
 from extract.taskvec.prompts import PromptSet
+from extract.taskvec.study import StudyResult
 from extract.taskvec.vectors import FunctionVectors, Vectors, vector_arrays
 from store.shard import ShardWriter
 from store.taskvec_schema import (
@@ -113,6 +116,15 @@ def write_vectors(writer: WarehouseWriter, ps: PromptSet, vec: Vectors, fv: Func
             sw.put(fld, validation_array(arr) if fld is TV.VALIDATION else arr)
         sw.attrs({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(meta).items()})
     return final
+
+
+def write_study(writer: WarehouseWriter, study: StudyResult, meta: StudyMeta) -> None:
+    """Every file of a finished ``run_study`` (no resume): AIE shards, vectors.h5, intervention shards."""
+    for w in study.prompts.split.held_out:
+        write_word(writer, AIE_SET, study.aie_rows[w])
+    write_vectors(writer, study.prompts, study.vectors, study.fv, meta)
+    for w in study.prompts.split.held_out:
+        write_word(writer, INTERVENTIONS_SET, with_shuffled(study.rows[w], study.aie_rows[w]))
 
 
 def read_word(root: Path, subset: str, index: int) -> WordResult:

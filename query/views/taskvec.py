@@ -202,6 +202,11 @@ def _aie(lo: Loader) -> pa.Table:
     return table(_BY_NAME["taskvec_aie"], lo.d_model, cols)
 
 
+def _f32(f: h5py.File, fld) -> np.ndarray:
+    """An activation dataset as float32 whatever the store dtype (bfloat16 is converted by HDF5)."""
+    return np.asarray(f[fld.name].astype("float32")[()])
+
+
 def _norm_cos(v: np.ndarray, sv: np.ndarray) -> tuple[list[float], list[float | None]]:
     """Per boundary: ||v[b]|| and cos(v[b], sv[b]) (None where either is 0). v, sv: (B, D)."""
     v, sv = v.astype(np.float64), sv.astype(np.float64)
@@ -214,9 +219,9 @@ def _vector_rows(lo: Loader) -> pa.Table:
     cols = _empty("taskvec_vectors")
     f = _vectors(lo)
     if f is not None:
-        sv = f[TV.STEER_VECTOR.name][()]  # (B, D)
+        sv = _f32(f, TV.STEER_VECTOR)  # (B, D)
         B = sv.shape[0]
-        tv, fv, ks = f[TV.TASK_VECTOR.name][()], f[TV.FUNCTION_VECTOR.name][()], f[TV.FV_K.name][()]
+        tv, fv, ks = _f32(f, TV.TASK_VECTOR), _f32(f, TV.FUNCTION_VECTOR), f[TV.FV_K.name][()]  # (S, B, D), (KF, D)
         stored = f[TV.COSINE.name][()]  # (CV, B)
         vecs = {TV_SOURCE_NAMES[s]: tv[s] for s in range(tv.shape[0])}
         vecs |= {f"fv_{int(k)}": np.broadcast_to(fv[j], sv.shape) for j, k in enumerate(ks)}
@@ -228,7 +233,7 @@ def _vector_rows(lo: Loader) -> pa.Table:
             cols["vector"] += [name] * B
             cols["norm"] += norm
             cols["cosine"] += cos
-        echo = f[TV.MEAN_ECHO.name][()]
+        echo = _f32(f, TV.MEAN_ECHO)
         cols["vector"] += ["mean_repeat_vs_echo"] * B
         cols["norm"] += np.linalg.norm(echo.astype(np.float64), axis=-1).tolist()
         cols["cosine"] += [None if np.isnan(c) else float(c) for c in stored[Compared.MEAN_REPEAT_VS_ECHO]]

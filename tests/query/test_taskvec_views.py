@@ -200,7 +200,7 @@ def test_vectors_and_split_views(wh_dir):
     np.testing.assert_allclose(s["cosine"].to_numpy(), vec[TV.COSINE.name][Compared.MEAN_REPEAT_VS_ECHO], atol=0)
     assert split["word"].to_list() == list(fx.WORDS)
     assert split["split"].to_list() == ["train", "held_out"] * 3
-    assert val["passed"].all() and val.height == 1 + 2 * len(HELD) + 2 * len(HELD)  # clean + self/c0 checks
+    assert val["passed"].all() and val.height == 1 + len(HELD) * (1 + 3)  # vectors; per word: aie 1, interventions 3
     assert set(val["invariant"]) == {"taskvec_capture_is_model", "taskvec_clean_is_model",
                                      "taskvec_self_patch_is_clean", "taskvec_c0_is_clean"}
 
@@ -353,3 +353,27 @@ def test_section_absent_without_task_vectors(wh_path):
         ctx = Ctx.open(wh, ("cat", "dog"))
         assert section.sections(ctx) == []
         assert not ctx.findings.answers
+
+
+def test_write_study_gives_the_same_files(wh_dir, tiny_llama_dir, tmp_path):
+    """run_study + write_study (one call) == the per-phase sequence of the fixture, array for array."""
+    from extract.models import Adapter, load_model
+    from extract.taskvec import run_study
+    from extract.taskvec.shard import StudyMeta, write_study
+
+    model, tok, _ = load_model(str(tiny_llama_dir), device="cpu", progress=False)
+    study = run_study(Adapter(model), tok, list(fx.WORDS), system_prompt=fx.SYSTEM, n_demos=fx.N_DEMOS, ks=fx.KS,
+                      coefs=fx.COEFS)
+    out = tmp_path / "w"
+    shutil.copytree(wh_dir, out)
+    shutil.rmtree(out / TASKVEC_DIR)
+    w = WarehouseWriter(out)
+    with h5py.File(wh_dir / MODEL_FILE, "r") as f:
+        w.manifest = {"fingerprint": f.attrs["fingerprint"]}
+    write_study(w, study, StudyMeta(fx.N_DEMOS, True, fx.KS, fx.COEFS))
+    for rel in [VECTORS_FILE] + [f"{s}/w{i:05d}.h5" for s in (AIE_SET, INTERVENTIONS_SET) for i in HELD]:
+        with h5py.File(wh_dir / TASKVEC_DIR / rel, "r") as a, h5py.File(out / TASKVEC_DIR / rel, "r") as b:
+            assert set(a) == set(b), rel
+            for k in a:
+                if k != "validation":  # errors of the invariants may round differently run to run
+                    np.testing.assert_array_equal(a[k][()], b[k][()], err_msg=f"{rel}:{k}")
