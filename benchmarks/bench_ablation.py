@@ -1,9 +1,9 @@
-"""The zero-ablation grid of extract.ablation on the embedded model: vs the naive loop and the FLOP bound.
+"""The zero-ablation grid of extract.stages.ablation.metrics on the embedded model: vs the naive loop and the FLOP bound.
 
 For a few prompts (default: 4 words x the "repeat" template) and every layer and unit (9 heads,
 the attention block and the MLP block of SmolLM2-135M), in one process:
 
-- ours: ``extract.ablation.run_ablation`` into a temporary warehouse (numbers + shards), for
+- ours: ``extract.stages.ablation.metrics.run_ablation`` into a temporary warehouse (numbers + shards), for
   all-position and for last-position ablation;
 - naive: one hooked full HF forward per (prompt, layer, unit), all-position logits as common
   tooling returns them, plus the same summary numbers. Its cost does not depend on the layer or
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from extract.ablation import run_ablation, shared_prefix, summarise
-from extract.models import Adapter, load_model
-from extract.prompts import Prompt, build_prompts
+from extract.stages.ablation.metrics import run_ablation, shared_prefix, summarise
+from extract.models.loading import Adapter, load_model
+from extract.stages.prompts import Prompt, build_prompts
 from store.warehouse import WarehouseWriter
 
 TEMPLATE = "repeat the following word: {word}"

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from extract.config import ExtractConfig
-from extract.run import batches, extract, prepare
-from extract.sizing import sizes
+from extract.pipeline.run import batches, extract, prepare
+from extract.models.sizing import sizes
 
 TEMPLATES_10 = tuple(
     f"{verb} the following word: {{word}}"

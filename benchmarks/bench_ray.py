@@ -29,9 +29,9 @@ import ray
 import torch
 
 from extract.config import DEFAULT_MODEL, ExtractConfig
-from extract.distributed import RayConfig, extract_ray
-from extract.prompts import default_words
-from extract.run import extract
+from extract.executors.ray_pool import RayConfig, extract_ray
+from extract.stages.prompts import default_words
+from extract.pipeline.run import extract
 from query import Warehouse
 from query.export import export_parquet
 

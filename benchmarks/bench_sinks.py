@@ -5,7 +5,7 @@
    alternating per batch, best of ``--repeats`` per batch. The denominator leaves out the
    shard writes and the greedy continuation, so this ratio bounds the whole extraction's.
 1. extraction overhead (``--full``): `extract` (no ablation) on the default 44 words x 2 templates with the
-   sink captures (extract.sinks: norms from projection hooks, residual top values and medians,
+   sink captures (extract.stages.capture.sinks: norms from projection hooks, residual top values and medians,
    lens at position 0) against the same run with them switched off in this process, runs
    interleaved, best of ``--repeats``. Target: at most 1.10x (issue 10).
 2. ablation: the grid time of ``--ablation zero,sink,sink_norenorm`` against ``zero`` alone on
@@ -23,10 +23,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import extract.capture as capture_mod
-import extract.run as run_mod
+import extract.stages.capture.engine as capture_mod
+import extract.pipeline.run as run_mod
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 
 
 @contextmanager
@@ -68,9 +68,9 @@ def compute_overhead(repeats: int) -> dict:
 
     import torch
 
-    from extract.capture import capture, derive
-    from extract.run import batches, prepare
-    from extract.sizing import sizes
+    from extract.stages.capture.engine import capture, derive
+    from extract.pipeline.run import batches, prepare
+    from extract.models.sizing import sizes
 
     cfg = ExtractConfig(ablation=(), progress=False)
     adapter, _, _, _, prompts = prepare(cfg)

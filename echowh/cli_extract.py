@@ -1,4 +1,4 @@
-"""`echowh extract`: a thin click wrapper over extract.run.extract."""
+"""`echowh extract`: a thin click wrapper over extract.pipeline.run.extract."""
 
 from __future__ import annotations
 
@@ -150,16 +150,16 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
     Environment: ECHOWH_CACHE (where the embedded model is converted, default
     ~/.cache/echo-warehouse), HF_HUB_OFFLINE=1 (never contact the Hugging Face hub).
     """
-    from extract.models import ModelError, default_prompt_form
-    from extract.prompts import PromptError, read_words
-    from extract.run import extract as run_extract
+    from extract.models.loading import ModelError, default_prompt_form
+    from extract.stages.prompts import PromptError, read_words
+    from extract.pipeline.run import extract as run_extract
     from store.warehouse import WarehouseError
 
     ray_given = ray_address is not None
     if not ray_given and (workers != 1 or gpus_per_worker or cpus_per_worker != 1):
         raise click.UsageError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
     if ray_given:
-        from extract.distributed import RayConfig, RayError, extract_ray, import_ray
+        from extract.executors.ray_pool import RayConfig, RayError, extract_ray, import_ray
 
         try:
             import_ray()

@@ -58,7 +58,7 @@ class ExtractConfig:
     """(fingerprint) Also store per-head outputs at every position (L x T x H x D per prompt)."""
     batch_size: int | None = None
     """Prompts of equal length run together (no padding, so batching is exact); None sizes it
-    from the device (32 on a CPU, see extract.sizing)."""
+    from the device (32 on a CPU, see extract.models.sizing)."""
     resume: bool = False
     """Continue a warehouse made with the same fingerprint, skipping finished prompts."""
     allow_env_change: bool = False
@@ -71,7 +71,7 @@ class ExtractConfig:
     ablate_layers: tuple[int, ...] | None = None
     """(fingerprint) Layers whose heads and blocks are ablated; None = all layers."""
     patching: bool = False
-    """(fingerprint) Run the activation-patching grid between template pairs (extract.patching)."""
+    """(fingerprint) Run the activation-patching grid between template pairs (extract.stages.patching.metrics)."""
     patch_pairs: tuple[tuple[int, int], ...] | None = None
     """(fingerprint) Template pairs (a, b) to patch, both directions; None = the first two."""
     progress: bool = True
@@ -80,7 +80,7 @@ class ExtractConfig:
     """Free-form notes recorded in the manifest."""
 
     def __post_init__(self) -> None:
-        from extract.prompts import check_chat_options
+        from extract.stages.prompts import check_chat_options
 
         check_chat_options(chat=self.chat_template, system_prompt=self.system_prompt,
                            chat_template_file=self.chat_template_file)

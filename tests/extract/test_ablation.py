@@ -1,4 +1,4 @@
-"""extract.ablation == the naive one-unit-at-a-time hooked HF forward (invariant 6).
+"""extract.stages.ablation.metrics == the naive one-unit-at-a-time hooked HF forward (invariant 6).
 
 On the tiny Qwen2 (GQA 6:1, q/k/v biases) and Llama (o_proj bias) models, zero and mean
 ablation, all positions and last position; ablating nothing reproduces the clean logits; the
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract import ablation as abl
-from extract.models import Adapter, load_model
-from extract.prompts import Prompt, build_prompts
+from extract.stages.ablation import metrics as abl
+from extract.models.loading import Adapter, load_model
+from extract.stages.prompts import Prompt, build_prompts
 from store.schema import ABLATION_DIR, A, prompt_shard_name
 from store.warehouse import WarehouseWriter
 from tests.extract.hooked import hf_logits, one_unit

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.ablation import grid_groups
+from extract.stages.ablation.metrics import grid_groups
 from extract.config import ExtractConfig
-from extract.run import batches, extract
+from extract.pipeline.run import batches, extract
 from store.ledger import Ledger, sha256_file
 from store.schema import ABLATION_DIR, LEDGER_NAME, PROMPTS_DIR, prompt_shard_name
 from store.verify import verify
@@ -38,7 +38,7 @@ from tests.store.guards import ledger_untouched
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra; scripts/setup.sh installs it")
 
-from extract.distributed import RayConfig, RayError, Worker, extract_ray  # noqa: E402
+from extract.executors.ray_pool import RayConfig, RayError, Worker, extract_ray  # noqa: E402
 
 WORDS = ("cat", "dog", "extraordinarily", "blue")  # x 2 templates = 8 prompts, 4+ batches of 2
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from echowh.cli import main
 from extract.config import ExtractConfig
-from extract.prompts import PromptError, bos_id, build_prompts
+from extract.stages.prompts import PromptError, bos_id, build_prompts
 
 T = ("repeat the following word: {word}",)
 

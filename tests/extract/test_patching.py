@@ -1,4 +1,4 @@
-"""extract.patching == one-patch-at-a-time hooked HF forwards; attribution == finite differences.
+"""extract.stages.patching.metrics == one-patch-at-a-time hooked HF forwards; attribution == finite differences.
 
 The reference is written from the Hugging Face forward only (hooks on the decoder layers, the
 final norm, o_proj and the attention/MLP outputs), never from the engine: the source run's
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.models import Adapter, load_model
-from extract.patching import ld_tokens, patch_direction, run_patching
-from extract.patching_grid import Patch, attribute, plan, record, run_patches
-from extract.patching_pairs import UNPATCHABLE, Pair, align, build_pairs, parse_pairs
-from extract.prompts import Prompt, PromptError, build_prompts
+from extract.models.loading import Adapter, load_model
+from extract.stages.patching.metrics import ld_tokens, patch_direction, run_patching
+from extract.stages.patching.grid import Patch, attribute, plan, record, run_patches
+from extract.stages.patching.pairs import UNPATCHABLE, Pair, align, build_pairs, parse_pairs
+from extract.stages.prompts import Prompt, PromptError, build_prompts
 from store.schema import PATCHING_DIR, PT, prompt_shard_name
 from store.schema import PatchKind as K
 from store.warehouse import WarehouseWriter

@@ -1,4 +1,4 @@
-"""The attention-sink captures (extract.sinks) against an independent numpy computation.
+"""The attention-sink captures (extract.stages.capture.sinks) against an independent numpy computation.
 
 From the stored residual (the capture's ``resid``) and the model's weights read as numpy
 arrays, written out here: the attention RMSNorm (w or 1 + w), the q/k/v projections (split
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.capture import capture, derive
-from extract.models import Adapter, load_model
-from extract.prompts import build_prompts
-from extract.sinks import RESID_TOP_K, add_sink_arrays
+from extract.stages.capture.engine import capture, derive
+from extract.models.loading import Adapter, load_model
+from extract.stages.prompts import build_prompts
+from extract.stages.capture.sinks import RESID_TOP_K, add_sink_arrays
 from tests.extract.test_ablation import TEMPLATES, WORDS
 
 TOL = 1e-4

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from extract.ablation import grid_groups, run_ablation
+from extract.stages.ablation.metrics import grid_groups, run_ablation
 from extract.config import ExtractConfig
-from extract.run import (
+from extract.pipeline.run import (
     RunSummary,
     _manifest,
     _write_model_file,
@@ -51,7 +51,7 @@ from extract.run import (
     prepare,
     write_prompt,
 )
-from extract.sizing import sizes
+from extract.models.sizing import sizes
 from store.lock import refuse_if_writing
 from store.schema import ABLATION_DIR, PROMPTS_DIR, TOLERANCE, F, prompt_shard_name
 from store.warehouse import WarehouseReader, WarehouseWriter
@@ -160,7 +160,7 @@ class Worker:
         cfg = self.cfg
         self.w.take_staged()
         if "mean" in cfg.ablation and self.means is None:
-            from extract.ablation import compute_means
+            from extract.stages.ablation.metrics import compute_means
 
             self.means = compute_means(self.adapter, self.prompts)  # every prompt, once per actor
         with WarehouseReader(cfg.out) as stored:

@@ -4,7 +4,7 @@ For each word and template pair (a, b) both directions run: direction 0 patches 
 prompt of template a into the destination prompt of template b (with the default templates:
 "repeat" into "echo", i.e. denoising the "echo" run towards the "repeat" answer, Heimersheim &
 Nanda 2024), direction 1 the reverse (noising). Positions align by role
-(extract.patching_pairs); the grid is extract.patching_grid's. Metrics at the destination's
+(extract.stages.patching.pairs); the grid is extract.stages.patching.grid's. Metrics at the destination's
 last position, per patch:
 
 - ``target_logit``/``target_prob`` of the destination prompt's target token;
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract.capture import invariant_errors
-from extract.families import Adapter
-from extract.patching_grid import Patch, attribute, plan, record, run_patches
-from extract.patching_pairs import Alignment, Pair, align
+from extract.stages.capture.engine import invariant_errors
+from extract.models.families import Adapter
+from extract.stages.patching.grid import Patch, attribute, plan, record, run_patches
+from extract.stages.patching.pairs import Alignment, Pair, align
 from store.schema import PATCHING_DIR, PT
 from store.schema import PatchKind as K
 from store.warehouse import WarehouseWriter, shard_indices, validation_array

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extract.prompts import Prompt, PromptError
+from extract.stages.prompts import Prompt, PromptError
 
 UNPATCHABLE = -1
 

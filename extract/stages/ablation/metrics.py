@@ -5,8 +5,8 @@ same numbers with far less work, and exactly (tests compare it with hooked HF fo
 
 - **Own block stepping from the model's modules, no hooks.** A decoder block is run from the
   family adapter's module handles (norms, q/k/v or fused qkv and o projections, q/k norms, the
-  MLP module, the rotary module; extract.families) with only the attention core ours
-  (extract.ablation_block.attend: shared-prefix keys, soft-cap, sliding window, softmax), so an
+  MLP module, the rotary module; extract.models.families) with only the attention core ours
+  (extract.stages.ablation.block.attend: shared-prefix keys, soft-cap, sliding window, softmax), so an
   ablation is an elementwise blend at a named point -- the o_proj input, the attention block's
   contribution, the MLP block's -- and keys/values can be shared between batch rows without
   copying. GQA is computed grouped (no repeat_kv copies). A new family is an adapter entry.
@@ -45,8 +45,8 @@ H the attention block (its whole residual contribution, o_proj bias and post-nor
 H+1 the MLP block. Sliding-window layers mask keys by absolute position in every path (the
 shared prefix, each prompt's own positions, the last-position wavefront).
 
-Modules, one concern each: extract.ablation_means (position keys and means),
-extract.ablation_block (one block and the attention core), extract.ablation_grid (groups,
+Modules, one concern each: extract.stages.ablation.means (position keys and means),
+extract.stages.ablation.block (one block and the attention core), extract.stages.ablation.grid (groups,
 the clean pass and the schedules) and this one (results: summaries and shards).
 """
 
@@ -61,18 +61,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract.ablation_block import Ablate, BlockOut, attend, block  # noqa: F401  (re-exported API)
-from extract.ablation_grid import (  # noqa: F401
+from extract.stages.ablation.block import Ablate, BlockOut, attend, block  # noqa: F401  (re-exported API)
+from extract.stages.ablation.grid import (  # noqa: F401
     GROUP_PROMPTS,
     GridSpec,
     grid_groups,
     iter_grid,
     shared_prefix,
 )
-from extract.ablation_means import KeyMap, Means, compute_means, key_maps  # noqa: F401
-from extract.capture import invariant_errors
-from extract.families import Adapter
-from extract.prompts import Prompt
+from extract.stages.ablation.means import KeyMap, Means, compute_means, key_maps  # noqa: F401
+from extract.stages.capture.engine import invariant_errors
+from extract.models.families import Adapter
+from extract.stages.prompts import Prompt
 from store.schema import ABLATION_DIR, A, Mode
 from store.warehouse import WarehouseWriter, validation_array
 

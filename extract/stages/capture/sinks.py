@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.families import Adapter
+from extract.models.families import Adapter
 
 # Families whose HF attention applies q_norm/k_norm to (B, heads, T, hd) rather than (B, T, heads, hd).
 HEADS_FIRST_QK_NORM = frozenset({"gemma3_text"})

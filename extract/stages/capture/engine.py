@@ -3,7 +3,7 @@
 Hooks only read: the model runs exactly as Hugging Face wrote it, and its own logits are
 compared with what the captured tensors imply (the invariants), so a wrong hook shows up.
 
-The hook points come from the family adapter (extract.families): ``attn_out`` / ``mlp_out`` are
+The hook points come from the family adapter (extract.models.families): ``attn_out`` / ``mlp_out`` are
 each block's contribution to the residual (after gemma's post-attention / post-feedforward
 norms), per-head outputs carry the frozen post-norm gain under sandwich norms, and DLA
 attributes the pre-soft-cap logit (invariant 4 compares cap * tanh(sum / cap) with the model).
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.models import Adapter
-from extract.sinks import sink_hooks, stack_norms
+from extract.models.loading import Adapter
+from extract.stages.capture.sinks import sink_hooks, stack_norms
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Captured:
     pattern: torch.Tensor  # (B, L, H, T, T)
     logits: torch.Tensor  # (B, V) the model's own logits at the last position (soft-capped if it caps)
     cache: object  # the model's KV cache, to continue generation without recomputing
-    sinks: dict[str, torch.Tensor]  # (B, L, H, T) query/key/value/value-out norms (extract.sinks)
+    sinks: dict[str, torch.Tensor]  # (B, L, H, T) query/key/value/value-out norms (extract.stages.capture.sinks)
 
 
 @contextmanager
@@ -119,7 +119,7 @@ def head_outputs(adapter: Adapter, z: torch.Tensor, layer: int) -> tuple[torch.T
     """Per-head outputs of one layer: (B, T, H*hd) o_proj inputs -> (B, T, H, D), and the bias term.
 
     Under sandwich norms each head is scaled by the post-attention norm's frozen gain at its
-    position (extract.families), and so is the o_proj bias: the bias term is (B, T, D) then.
+    position (extract.models.families), and so is the o_proj bias: the bias term is (B, T, D) then.
     Without a post-norm the bias term is the o_proj bias itself (D,), or None.
     """
     a = adapter.arch

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract.capture import capture, derive, greedy_continue
+from extract.stages.capture.engine import capture, derive, greedy_continue
 from extract.config import ExtractConfig
-from extract.models import Adapter, ModelError, load_model
-from extract.prompts import (
+from extract.models.loading import Adapter, ModelError, load_model
+from extract.stages.prompts import (
     Prompt,
     build_prompts,
     choose_target,
@@ -29,8 +29,8 @@ from extract.prompts import (
     is_exact_echo,
     sha,
 )
-from extract.sinks import SINK_CAPTURES, add_sink_arrays
-from extract.sizing import sizes
+from extract.stages.capture.sinks import SINK_CAPTURES, add_sink_arrays
+from extract.models.sizing import sizes
 from store.lock import refuse_if_writing
 from store.schema import (
     ABLATION_DIR,
@@ -120,7 +120,7 @@ def prepare(cfg: ExtractConfig):
     adapter = Adapter(model)
     check_layers(cfg.ablate_layers, adapter.arch.n_layers)
     if cfg.patching:
-        from extract.patching_pairs import parse_pairs
+        from extract.stages.patching.pairs import parse_pairs
 
         parse_pairs(",".join(f"{a}:{b}" for a, b in cfg.patch_pairs) if cfg.patch_pairs else None,
                     len(cfg.templates))  # refuse bad pairs before any work
@@ -286,7 +286,7 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
     timings = {"load_s": round(t_load, 3), "extract_s": round(t_extract, 3), "extract_prompts": len(pending)}
     t_abl = 0.0
     if cfg.ablation:
-        from extract.ablation import run_ablation
+        from extract.stages.ablation.metrics import run_ablation
 
         t2 = time.perf_counter()
         with WarehouseReader(cfg.out) as stored:
@@ -299,8 +299,8 @@ def _run(cfg: ExtractConfig, w: WarehouseWriter, adapter: Adapter, tok, prompts:
         t_abl = time.perf_counter() - t2
         timings.update({"ablation_s": round(t_abl, 3), **{f"ablation_{k}": v for k, v in (abl or {}).items()}})
     if cfg.patching:
-        from extract.patching import run_patching
-        from extract.patching_pairs import build_pairs
+        from extract.stages.patching.metrics import run_patching
+        from extract.stages.patching.pairs import build_pairs
 
         t3 = time.perf_counter()
         with WarehouseReader(cfg.out) as stored:
