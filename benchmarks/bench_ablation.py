@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from extract.stages.ablation.metrics import run_ablation, shared_prefix, summarise
 from extract.models.loading import Adapter, load_model
+from extract.stages.ablation.metrics import run_ablation, shared_prefix, summarise
 from extract.stages.prompts import Prompt, build_prompts
 from store.warehouse import WarehouseWriter
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from extract.config import ExtractConfig
-from extract.pipeline.run import batches, extract, prepare
 from extract.models.sizing import sizes
+from extract.pipeline.run import batches, extract, prepare
 
 TEMPLATES_10 = tuple(
     f"{verb} the following word: {{word}}"

@@ -30,8 +30,8 @@ import torch
 
 from extract.config import DEFAULT_MODEL, ExtractConfig
 from extract.executors.ray_pool import RayConfig, extract_ray
-from extract.stages.prompts import default_words
 from extract.pipeline.run import extract
+from extract.stages.prompts import default_words
 from query import Warehouse
 from query.export import export_parquet
 

@@ -44,10 +44,10 @@ from bench_ablation import grid_flops, matmul_gflops, naive  # noqa: E402
 
 from extract.config import DEFAULT_TEMPLATES, ExtractConfig  # noqa: E402
 from extract.models.loading import Adapter, cache_root, load_model  # noqa: E402
-from extract.stages.prompts import build_prompts, default_words  # noqa: E402
-from extract.pipeline.run import extract  # noqa: E402
 from extract.models.scale import SCALE_MODELS, build_scale_model  # noqa: E402
 from extract.models.sizing import sizes  # noqa: E402
+from extract.pipeline.run import extract  # noqa: E402
+from extract.stages.prompts import build_prompts, default_words  # noqa: E402
 
 TEMPLATE = DEFAULT_TEMPLATES[0]
 STUDY_PROMPTS = 88

@@ -23,8 +23,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import extract.stages.capture.engine as capture_mod
 import extract.pipeline.run as run_mod
+import extract.stages.capture.engine as capture_mod
 from extract.config import ExtractConfig
 from extract.pipeline.run import extract
 
@@ -68,9 +68,9 @@ def compute_overhead(repeats: int) -> dict:
 
     import torch
 
-    from extract.stages.capture.engine import capture, derive
-    from extract.pipeline.run import batches, prepare
     from extract.models.sizing import sizes
+    from extract.pipeline.run import batches, prepare
+    from extract.stages.capture.engine import capture, derive
 
     cfg = ExtractConfig(ablation=(), progress=False)
     adapter, _, _, _, prompts = prepare(cfg)

@@ -42,6 +42,12 @@ def _attrs_digest(h: hashlib._Hash, attrs: h5py.AttributeManager) -> None:
         h.update(k.encode() + b"\0" + str(np.asarray(v).dtype).encode() + b"\0" + _value_bytes(v))
 
 
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return sorted(names)
+
+
 def dataset_hashes(root: Path) -> Iterator[tuple[str, str]]:
     """(``file:dataset`` or ``file:@attrs``, SHA-256 hex) for every file and dataset, sorted."""
     for path in sorted(root.rglob("*.h5")):
@@ -50,9 +56,7 @@ def dataset_hashes(root: Path) -> Iterator[tuple[str, str]]:
             h = hashlib.sha256()
             _attrs_digest(h, f.attrs)
             yield f"{rel}:@attrs", h.hexdigest()
-            names: list[str] = []
-            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-            for name in sorted(names):
+            for name in _datasets(f):
                 ds = f[name]
                 h = hashlib.sha256()
                 h.update(f"{rel}:{name}\0{ds.dtype}\0{ds.shape}\0".encode())

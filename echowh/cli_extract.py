@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -150,28 +151,29 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
     Environment: ECHOWH_CACHE (where the embedded model is converted, default
     ~/.cache/echo-warehouse), HF_HUB_OFFLINE=1 (never contact the Hugging Face hub).
     """
+    from extract.config import ConfigError
     from extract.models.loading import ModelError, default_prompt_form
-    from extract.stages.prompts import PromptError, read_words
     from extract.pipeline.run import extract as run_extract
+    from extract.stages.prompts import PromptError, read_words
     from store.warehouse import WarehouseError
 
     ray_given = ray_address is not None
     if not ray_given and (workers != 1 or gpus_per_worker or cpus_per_worker != 1):
         raise click.UsageError("--workers, --gpus-per-worker and --cpus-per-worker need --ray")
-    if ray_given:
-        from extract.executors.ray_pool import RayConfig, RayError, extract_ray, import_ray
-
-        try:
-            import_ray()
-        except RayError as e:
-            raise click.ClickException(str(e)) from None
-        rc = RayConfig(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                       cpus_per_worker=cpus_per_worker)
-        if gpus_per_worker and device == "auto":
-            device = "cuda"
+    executor = None
     errors: tuple[type[Exception], ...] = (ModelError, PromptError, WarehouseError)
     if ray_given:
+        from extract.executors.ray_pool import RayConfig, RayError, RayExecutor
+
         errors = (*errors, RayError)
+        executor = RayExecutor(RayConfig(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                         cpus_per_worker=cpus_per_worker))
+        try:
+            executor.preflight()  # Ray installed, the settings and the cluster address: before any work
+        except RayError as e:
+            raise click.ClickException(str(e)) from None
+        if gpus_per_worker and device == "auto":
+            device = "cuda"
     try:
         word_list = tuple(read_words(words)) if words is not None else None
         form = default_prompt_form(model)
@@ -191,10 +193,9 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
             patch_pairs=patch_pairs, progress=not quiet,
             extra={"command": " ".join(["echowh", *sys.argv[1:]])},
         )
-        if ray_given:
-            summary = extract_ray(cfg, rc, log=lambda m: click.echo(m, err=True))
-        else:
-            summary = run_extract(cfg, log=lambda m: click.echo(m, err=True))
+        summary = run_extract(cfg, executor, log=lambda m: click.echo(m, err=True))
+    except ConfigError as e:
+        raise click.ClickException(as_flags(str(e))) from None
     except errors as e:
         raise click.ClickException(str(e)) from None
     _print_summary(summary)
@@ -203,6 +204,22 @@ def extract(model, out, resume, allow_env_change, words, templates, no_chat_temp
             f"validation FAILED for {', '.join(summary.failed)}: see the table above; "
             f"the warehouse at {summary.out} is kept for inspection"
         )
+
+
+# config field -> the flag that sets it (a field shown with =False is its negating flag)
+FLAGS = {"out": "--out", "model": "--model", "dtype": "--dtype", "device": "--device", "words": "--words",
+         "templates": "--template", "chat_template": "--no-chat-template",
+         "chat_template_file": "--chat-template", "system_prompt": "--system-prompt",
+         "prepend_bos": "--prepend-bos", "max_new_tokens": "--max-new-tokens", "top_k": "--top-k",
+         "store_dtype": "--store-dtype", "head_out_all_positions": "--head-out-all-positions",
+         "batch_size": "--batch-size", "resume": "--resume", "allow_env_change": "--allow-env-change",
+         "ablation": "--ablation", "ablate_positions": "--ablate-positions", "ablate_layers": "--ablate-layers",
+         "patching": "--patching", "patch_pairs": "--patch-pairs", "progress": "--quiet"}
+
+
+def as_flags(message: str) -> str:
+    """A library message naming config fields (`ablate_layers`) as the CLI's flags (--ablate-layers)."""
+    return re.sub(r"`(\w+)`(?:=False)?", lambda m: FLAGS.get(m.group(1), m.group(1)), message)
 
 
 def _print_summary(summary) -> None:

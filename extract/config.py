@@ -24,6 +24,15 @@ def choices(lit: Any) -> list[str]:
     return list(get_args(lit))
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, in one line that names the config fields involved in
+    backquotes (`ablate_layers`, also listed in ``fields``); the CLI shows each as its flag."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """One extraction run. Fields marked (fingerprint) must match to resume a warehouse."""
@@ -80,10 +89,7 @@ class ExtractConfig:
     """Free-form notes recorded in the manifest."""
 
     def __post_init__(self) -> None:
-        from extract.stages.prompts import check_chat_options
-
-        check_chat_options(chat=self.chat_template, system_prompt=self.system_prompt,
-                           chat_template_file=self.chat_template_file)
+        validate(self)
 
     def fingerprint_parts(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """What must match between a warehouse and a run that resumes it."""
@@ -108,3 +114,65 @@ class ExtractConfig:
         return {k: (str(v) if isinstance(v, Path) else
                     [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v)
                 for k, v in d.items()}
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Every check a config can have without the model: ConfigError naming the field."""
+    if cfg.chat_template is False:
+        given = [f for f in ("system_prompt", "chat_template_file") if getattr(cfg, f) is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(f'`{g}`' for g in given)} only apply with the chat template, "
+                              "which `chat_template`=False switches off; drop one of them", *given, "chat_template")
+    check_templates(cfg.templates)
+    bad = [m for m in cfg.ablation if m not in choices(AblationModeName)]
+    if bad:
+        raise ConfigError(f"`ablation`: unknown mode(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(choices(AblationModeName))}", "ablation")
+    if cfg.ablate_positions not in choices(AblationPositions):
+        raise ConfigError(f"`ablate_positions` must be all or last, not {cfg.ablate_positions!r}",
+                          "ablate_positions")
+    if cfg.ablate_layers is not None and not cfg.ablate_layers:
+        raise ConfigError("`ablate_layers` (none) is empty: give layers, or None for all", "ablate_layers")
+    if cfg.patching:
+        check_pairs(cfg.patch_pairs, len(cfg.templates))
+
+
+def check_templates(templates: tuple[str, ...]) -> None:
+    """At least one template, each with ``{word}`` once, all distinct."""
+    if not templates:
+        raise ConfigError("at least one template is needed (`templates` is empty)", "templates")
+    for t in templates:
+        if t.count("{word}") != 1:
+            raise ConfigError(f"template {t!r} must contain {{word}} exactly once", "templates")
+    if len(set(templates)) != len(templates):
+        raise ConfigError("templates must be distinct", "templates")
+
+
+def check_pairs(pairs: tuple[tuple[int, int], ...] | None, n_templates: int) -> None:
+    """Template pairs to patch: distinct existing templates, each pair once (either order)."""
+    if pairs is None:
+        if n_templates < 2:
+            raise ConfigError("patching needs at least two templates (`templates` twice)", "templates")
+        return
+    seen: list[tuple[int, int]] = []
+    for a, b in pairs:
+        if a == b:
+            raise ConfigError(f"`patch_pairs`: {a}:{b} pairs a template with itself", "patch_pairs")
+        bad = [x for x in (a, b) if not 0 <= x < n_templates]
+        if bad:
+            raise ConfigError(f"`patch_pairs`: template {bad[0]} does not exist (templates 0-{n_templates - 1})",
+                              "patch_pairs")
+        if (a, b) in seen or (b, a) in seen:
+            raise ConfigError(f"`patch_pairs`: {a}:{b} is given twice (each pair runs both directions)",
+                              "patch_pairs")
+        seen.append((a, b))
+
+
+def check_model_fit(cfg: ExtractConfig, n_layers: int) -> None:
+    """The checks that need the model's shape: ablate_layers inside its layers."""
+    if cfg.ablate_layers is None:
+        return
+    bad = [x for x in cfg.ablate_layers if not 0 <= x < n_layers]
+    if bad:
+        raise ConfigError(f"`ablate_layers` {','.join(map(str, bad))} is outside this model's "
+                          f"layers 0-{n_layers - 1}", "ablate_layers")

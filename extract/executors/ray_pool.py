@@ -1,11 +1,12 @@
-"""Extraction on a Ray cluster: the local run's batches and ablation groups as Ray tasks.
+"""The Ray executor: any stage's jobs on a pool of actors; the driver alone records and renames.
 
-The driver (the ``echowh extract --ray`` process) builds the prompt set, writes the manifest
-and the model file, and cuts the same extraction batches (``run.batches``) and ablation groups
-(``ablation.grid_groups``) from the whole prompt set as the local run does, so results do not
-depend on where they ran. Each batch or group is one task on a pool of actors; an actor loads
-the model once and writes its prompts' shards into the warehouse directory (a path every node
-sees: a shared filesystem) with a staging writer: each shard is written as ``*.partial``,
+The driver (the ``echowh extract --ray`` process) loads the model on its CPU only to write the
+manifest and ``model.h5`` and to plan (extract.pipeline.run); it frees the model before the
+actors load theirs. The jobs are the local run's (cut from the whole prompt set by the
+stage), so results do not depend on where they ran. Each job is one task on a pool of actors;
+an actor loads the model once (``Session.load``, checked against the driver's fingerprint),
+runs ``Stage.run`` and writes the returned shards into the warehouse directory (a path every
+node sees: a shared filesystem) with a staging writer: each shard is written as ``*.partial``,
 fsynced and hashed, and the task returns the (path, SHA-256) pairs. The driver alone writes
 ``shards.sha256``: for each result it appends the entries, then renames the files to their
 shard names (``WarehouseWriter.publish``). Concurrent appends from actors on several nodes
@@ -14,14 +15,14 @@ without its entry (the argument is in store.ledger). The driver alone also write
 manifest and shows the progress bar.
 
 Failures: an actor whose process dies is restarted by Ray (``max_restarts``) and the task it
-was running is retried (``max_task_retries``). A retried task recomputes its whole batch (a
-batch's numbers depend on its composition) and writes only the shards still missing: a
-finished shard is never rewritten, a ``*.partial`` left by the dead process is overwritten
-and never visible under a shard's name (a dead attempt's files are never published: only a
-result the driver receives is). A resumed run (``--resume``, on Ray or locally) does the same
-from the shards on disk, so the modes can be mixed.
+was running is retried (``max_task_retries``). A retried task recomputes its whole job (a
+batch's numbers depend on its composition) and writes the shards of ``Job.todo``: a finished
+shard is never rewritten, a ``*.partial`` left by the dead process is overwritten and never
+visible under a shard's name (a dead attempt's files are never published: only a result the
+driver receives is). A resumed run (``--resume``, on Ray or locally) plans from the shards on
+disk, so the executors can be mixed.
 
-Ray is optional (``pip install -e .[ray]``); it is imported only here.
+Ray is optional (``pip install -e .[ray]``); it is imported only here, and only when used.
 """
 
 from __future__ import annotations
@@ -33,28 +34,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from extract.stages.ablation.metrics import grid_groups, run_ablation
 from extract.config import ExtractConfig
-from extract.pipeline.run import (
-    RunSummary,
-    _manifest,
-    _write_model_file,
-    batches,
-    compute_batch,
-    eos_ids,
-    finish_run,
-    prepare,
-    write_prompt,
-)
-from extract.models.sizing import sizes
-from store.lock import refuse_if_writing
-from store.schema import ABLATION_DIR, PROMPTS_DIR, TOLERANCE, F, prompt_shard_name
-from store.warehouse import WarehouseReader, WarehouseWriter
+from extract.executors.base import Session
+from extract.stages.base import Job, Loaded, Stage, write_shard
+from store.warehouse import WarehouseWriter
 
 RAY_MISSING = ("--ray needs Ray, an optional extra: pip install 'echo-warehouse[ray]' "
                "(or pip install 'ray==2.*')")
@@ -110,29 +99,25 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 class Worker:
-    """One Ray actor: the model loaded once; runs extraction batches and ablation groups.
+    """One Ray actor: the model loaded once; runs any stage's jobs.
 
-    Every method returns a placement record (where it ran) with what it wrote, and under
-    ``staged`` the (path, SHA-256) of each shard it sealed as ``*.partial``: the driver
-    publishes them. An actor never opens the ledger and never gives a shard its final name.
+    ``run`` returns a placement record (where it ran) with what it wrote, and under ``staged``
+    the (path, SHA-256) of each shard it sealed as ``*.partial``: the driver publishes them.
+    An actor never opens the ledger and never gives a shard its final name.
     """
 
-    def __init__(self, cfg: ExtractConfig, fingerprint: str, threads: int) -> None:
+    def __init__(self, load: Callable[[], Loaded], threads: int, stages: list[Stage]) -> None:
         torch.set_num_threads(threads)  # batch results depend on the BLAS thread count
-        self.cfg = dataclasses.replace(cfg, progress=False, resume=True)
-        self.adapter, self.tok, ident, words, self.prompts = prepare(self.cfg)
-        own = _manifest(self.cfg, self.adapter, self.tok, ident, words, self.prompts)["fingerprint"]
-        if own != fingerprint:
-            raise RayError(f"worker on {socket.gethostname()} built another prompt set or model "
-                           f"(fingerprint {own}, driver {fingerprint}): same model files on every node?")
-        self.fingerprint = fingerprint
-        self.by_index = {p.index: p for p in self.prompts}
-        self.eos = eos_ids(self.adapter, self.tok)
-        self.tol = TOLERANCE[cfg.dtype]
+        self.model = load()
+        self.stages = {s.name: s for s in stages}
+        cfg = self.model.cfg
         # no lock, no ledger: the driver holds the lock, records and renames what this seals
         self.w = WarehouseWriter(cfg.out, cfg.store_dtype, staging=True)
-        self.w.manifest = {"fingerprint": fingerprint}  # every shard stamped with the run's
-        self.means = None
+        self.w.manifest = {"fingerprint": self.model.fingerprint}  # every shard stamped with the run's
+
+    @property
+    def prompts(self):
+        return self.model.prompts
 
     def where(self) -> dict[str, Any]:
         import ray
@@ -140,172 +125,133 @@ class Worker:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(),
                 "hostname": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.adapter.lm_head.weight.device)}
+                "device": str(self.model.adapter.lm_head.weight.device)}
 
-    def extract_batch(self, indices: list[int]) -> dict[str, Any]:
-        """Compute one batch; write the shards of its prompts that are still missing."""
+    def run(self, job: Job) -> dict[str, Any]:
+        """Compute one job; seal the shards of its missing members."""
         t = time.perf_counter()
-        batch = [self.by_index[i] for i in indices]
-        done = self.w.done()
         self.w.take_staged()  # nothing is left from a failed call: its files are not reported
-        if not all(p.index in done for p in batch):
-            for item in compute_batch(self.adapter, batch, self.cfg, self.eos):
-                if item[0].index not in done:
-                    write_prompt(self.w, *item, self.tok, self.tol, self.fingerprint)
-        return self._record("extract", indices, t)
-
-    def ablate_group(self, indices: list[int], targets: dict[int, int]) -> dict[str, Any]:
-        """Run one ablation group (as ``grid_groups`` cut it); write its missing shards."""
-        t = time.perf_counter()
-        cfg = self.cfg
-        self.w.take_staged()
-        if "mean" in cfg.ablation and self.means is None:
-            from extract.stages.ablation.metrics import compute_means
-
-            self.means = compute_means(self.adapter, self.prompts)  # every prompt, once per actor
-        with WarehouseReader(cfg.out) as stored:
-            run_ablation(
-                self.adapter, self.prompts, targets, self.w, modes=tuple(cfg.ablation),
-                positions=cfg.ablate_positions, layers=cfg.ablate_layers, top_k=cfg.top_k,
-                fingerprint=self.fingerprint, progress=False,
-                reference=lambda i: stored.read(F.FINAL_LOGITS, i), tolerance=self.tol,
-                means=self.means, only=lambda g: [p.index for p in g] == indices,
-            )
-        return self._record("ablation", indices, t)
-
-    def _record(self, phase: str, indices: list[int], t: float) -> dict[str, Any]:
+        for shard in self.stages[job.stage].run(job, self.model, lambda n: None):
+            write_shard(self.w, shard)
         warnings, self.w.warnings[:] = list(self.w.warnings), []
         staged = self.w.take_staged()
-        return {"phase": phase, "prompts": list(indices), "written": sorted(_index(rel) for rel, _ in staged),
+        return {"phase": job.stage, "prompts": list(job.members), "written": sorted(_index(r) for r, _ in staged),
                 "seconds": round(time.perf_counter() - t, 3), "warnings": warnings, "staged": staged,
                 **self.where()}
 
 
 def _index(rel: str) -> int:
-    """The prompt index of a shard path (``.../pNNNNN.h5``)."""
+    """The shard index of a shard path (``.../pNNNNN.h5``)."""
     return int(rel.rsplit("/", 1)[-1][1:].split(".", 1)[0])
 
 
-def extract_ray(cfg: ExtractConfig, rc: RayConfig, log: Callable[[str], None] = print,
-                on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
-    """The whole extraction (and ablation grid) into ``cfg.out`` on a Ray actor pool.
+class RayExecutor:
+    """Runs jobs on a Ray actor pool (extract.executors.base.Executor; module docstring).
 
-    ``on_result(record)`` is called by the driver after each finished batch or group.
+    ``on_result(record)`` is called by the driver after each published job (tests kill an
+    actor from it).
     """
-    if cfg.patching:
-        raise RayError("--patching does not run on Ray yet: run the patching grid locally "
-                       "(`echowh extract ... --patching` without --ray)")
-    ray = import_ray()
-    if rc.workers < 1 or rc.cpus_per_worker < 1 or rc.gpus_per_worker < 0:
-        raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
-    check_reachable(rc.address)
-    t0 = time.perf_counter()
-    # The driver computes only the manifest and model.h5: it loads the model on its CPU (the head
-    # node need not have a GPU); the actors load it where cfg.device says.
-    refuse_if_writing(cfg.out)  # at once, before the model loads; create() takes the lock
-    adapter, tok, ident, words, prompts = prepare(dataclasses.replace(cfg, device="cpu"))
-    t_load = time.perf_counter() - t0
-    manifest = _manifest(cfg, adapter, tok, ident, words, prompts)
-    w = WarehouseWriter.create(cfg.out, manifest, resume=cfg.resume, allow_env_change=cfg.allow_env_change)
-    try:
-        return _drive(ray, cfg, rc, w, adapter, tok, prompts, t0, t_load, log, on_result)
-    finally:
-        w.close()  # the writer lock: the driver holds it while the actors write shards
 
+    computes_here = False
 
-def _drive(ray, cfg: ExtractConfig, rc: RayConfig, w: WarehouseWriter, adapter, tok, prompts, t0: float,
-           t_load: float, log, on_result) -> RunSummary:
-    manifest = w.manifest
-    if not w.has_model_file():
-        _write_model_file(w, adapter, tok, prompts)
-    # The extraction batches a local run on this CPU would cut (on a GPU actor pool pass
-    # --batch-size to match a local GPU run's device-sized batches).
-    batch_size = cfg.batch_size or sizes(adapter).extract_batch
-    del adapter  # the driver computes nothing: free the model before the actors load theirs
-    done = w.done()
-    if done:
-        log(f"resuming {cfg.out}: {len(done)} of {len(prompts)} prompts already stored")
-    fp = manifest["fingerprint"]
-    session = int(w.manifest.get("timings", {}).get("sessions", 1 if w.manifest.get("timings") else 0)) + 1
-    placement: list[dict[str, Any]] = list(w.manifest.get("placement", []))
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        # Ray runs workers at nice 15 unless told otherwise; the actors are this run's compute.
-        os.environ.setdefault("RAY_worker_niceness", "0")
+    def __init__(self, rc: RayConfig, on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.rc, self.on_result = rc, on_result
+        self.ray: Any = None
+        self.actors: list = []
+        self.placement: list[dict[str, Any]] = []
+        self.session_no = 0
+        self.started_ray = False
+        self.s: Session | None = None
+
+    def preflight(self) -> None:
+        if self.ray is not None:
+            return  # checked already (the CLI checks before it builds the config)
+        self.ray = import_ray()
+        rc = self.rc
+        if rc.workers < 1 or rc.cpus_per_worker < 1 or rc.gpus_per_worker < 0:
+            raise RayError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+        check_reachable(rc.address)
+
+    def driver_config(self, cfg: ExtractConfig) -> ExtractConfig:
+        return dataclasses.replace(cfg, device="cpu")  # the head node need not have a GPU
+
+    def start(self, session: Session) -> None:
+        ray, rc, w = self.ray, self.rc, session.writer
+        self.s = session
+        timings = w.manifest.get("timings", {})
+        self.session_no = int(timings.get("sessions", 1 if timings else 0)) + 1
+        self.placement = list(w.manifest.get("placement", []))
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            # Ray runs workers at nice 15 unless told otherwise; the actors are this run's compute.
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            try:
+                ray.init(address=None if rc.address == "auto" else rc.address, log_to_driver=False,
+                         include_dashboard=False)
+            except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError ...
+                raise RayError(f"cannot reach the Ray cluster at {rc.address}: "
+                               f"{' '.join(str(e).split())[:300]}") from None
+        cfg = session.cfg
+        wcfg = dataclasses.replace(cfg, progress=False, resume=True)
+        if not (rc.gpus_per_worker > 0 or cfg.device != "auto"):
+            wcfg = dataclasses.replace(wcfg, device="cpu")
+        remote = ray.remote(Worker).options(
+            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
+            max_restarts=rc.max_retries, max_task_retries=rc.max_retries,
+        )
+        load = partial(session.load, wcfg, session.fingerprint)
+        self.actors = [remote.remote(load, rc.cpus_per_worker, session.stages) for _ in range(rc.workers)]
+
+    def run_stage(self, stage: Stage, jobs: list[Job]) -> int:
+        s = self.s
+        assert s is not None, "start() first"
         try:
-            ray.init(address=None if rc.address == "auto" else rc.address, log_to_driver=False,
-                     include_dashboard=False)
-        except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError ...
-            raise RayError(f"cannot reach the Ray cluster at {rc.address}: "
-                           f"{' '.join(str(e).split())[:300]}") from None
-    actors: list = []
-    try:
-        actors = _actors(ray, cfg, rc, fp)
+            return self._collect(stage, jobs)
+        except BaseException:
+            s.writer.write_manifest(placement=self.placement)  # what did finish, and where, survives
+            raise
+
+    def _collect(self, stage: Stage, jobs: list[Job]) -> int:
         from ray.util import ActorPool
 
-        pool = ActorPool(actors)
-        last_write = [time.perf_counter()]
+        ray, rc, s = self.ray, self.rc, self.s
+        assert s is not None
+        w = s.writer
+        pool = ActorPool(self.actors)
+        bar = tqdm(total=sum(j.work for j in jobs), unit=stage.unit, desc=f"{stage.name} (ray x{rc.workers})",
+                   disable=not s.cfg.progress or not jobs, file=sys.stderr)
+        for job in jobs:
+            pool.submit(lambda a, j: a.run.remote(j), job)
+        written, last_write = 0, time.perf_counter()
+        try:
+            while pool.has_next():
+                try:
+                    r = pool.get_next_unordered()
+                except ray.exceptions.RayError as e:
+                    raise RayError(f"a {stage.name} task failed after {rc.max_retries} retries: "
+                                   f"{' '.join(str(e).split())[:300]}; the warehouse is "
+                                   "resumable with --resume") from None
+                # the ledger entries, then the shard names: only this process writes either
+                published = w.publish(r.pop("staged"))
+                r["written"] = sorted(_index(rel) for rel in published)
+                written += len(published)
+                self.placement.append({"session": self.session_no,
+                                       **{k: v for k, v in r.items() if k != "warnings"}})
+                w.warnings.extend(r["warnings"])
+                bar.update(next(j.work for j in jobs if list(j.members) == r["prompts"]))
+                if self.on_result is not None:
+                    self.on_result(r)
+                if time.perf_counter() - last_write > MANIFEST_EVERY_S:
+                    w.write_manifest(placement=self.placement)
+                    last_write = time.perf_counter()
+        finally:
+            bar.close()
+        return written
 
-        def collect(phase: str, subdir: str, jobs: list[list[int]], method: str, *args: Any) -> None:
-            bar = tqdm(total=sum(map(len, jobs)), unit="prompt", desc=f"{phase} (ray x{rc.workers})",
-                       disable=not cfg.progress or not jobs, file=sys.stderr)
-            for job in jobs:
-                pool.submit(lambda a, v: getattr(a, method).remote(v, *args), job)
-            try:
-                while pool.has_next():
-                    try:
-                        r = pool.get_next_unordered()
-                    except ray.exceptions.RayError as e:
-                        raise RayError(f"a {phase} task failed after {rc.max_retries} retries: "
-                                       f"{' '.join(str(e).split())[:300]}; the warehouse is "
-                                       "resumable with --resume") from None
-                    # the ledger entries, then the shard names: only this process writes either
-                    published = set(w.publish(r.pop("staged")))
-                    r["written"] = [i for i in r["written"] if f"{subdir}/{prompt_shard_name(i)}" in published]
-                    placement.append({"session": session, **{k: v for k, v in r.items() if k != "warnings"}})
-                    w.warnings.extend(r["warnings"])
-                    bar.update(len(r["prompts"]))
-                    if on_result is not None:
-                        on_result(r)
-                    if time.perf_counter() - last_write[0] > MANIFEST_EVERY_S:
-                        w.write_manifest(placement=placement)
-                        last_write[0] = time.perf_counter()
-            finally:
-                bar.close()
-
-        t1 = time.perf_counter()
-        jobs = [[p.index for p in b] for b in batches(prompts, batch_size)
-                if not all(p.index in done for p in b)]
-        collect("extract", PROMPTS_DIR, jobs, "extract_batch")
-        n_extracted = len(w.done() - done)  # the shards this session published
-        timings: dict[str, Any] = {"load_s": round(t_load, 3), "extract_s": round(time.perf_counter() - t1, 3),
-                                   "extract_prompts": n_extracted}
-        if cfg.ablation:
-            t2 = time.perf_counter()
-            with WarehouseReader(cfg.out) as stored:
-                targets = {i: int(a["target_id"]) for i, a in stored.iter_prompts()}
-            have = w.done(ABLATION_DIR)
-            groups = [[p.index for p in g] for g in grid_groups(prompts)
-                      if not all(p.index in have for p in g)]
-            collect("ablation", ABLATION_DIR, groups, "ablate_group", targets)
-            n_abl = len(w.done(ABLATION_DIR) - have)
-            timings.update({"ablation_s": round(time.perf_counter() - t2, 3), "ablation_prompts": n_abl})
-    except BaseException:
-        w.write_manifest(placement=placement)  # what did finish, and where, survives a failed run
-        raise
-    finally:
-        for a in actors:
-            ray.kill(a)  # free the cluster's GPUs now, not when the job ends
-        if started_ray:
-            ray.shutdown()
-    return finish_run(w, cfg, len(prompts), n_extracted, len(done), timings, t0, placement=placement,
-                      ray={**rc.as_manifest(), "session": session})
-
-
-def _actors(ray, cfg: ExtractConfig, rc: RayConfig, fingerprint: str) -> list:
-    remote = ray.remote(Worker).options(
-        num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker,
-        max_restarts=rc.max_retries, max_task_retries=rc.max_retries,
-    )
-    wcfg = cfg if rc.gpus_per_worker > 0 or cfg.device != "auto" else dataclasses.replace(cfg, device="cpu")
-    return [remote.remote(wcfg, fingerprint, rc.cpus_per_worker) for _ in range(rc.workers)]
+    def close(self) -> dict[str, Any]:
+        for a in self.actors:
+            self.ray.kill(a)  # free the cluster's GPUs now, not when the job ends
+        self.actors = []
+        if self.started_ray:
+            self.ray.shutdown()
+        return {"placement": self.placement, "ray": {**self.rc.as_manifest(), "session": self.session_no}}

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from extract.config import ConfigError
 from extract.models.families import SUPPORTED_TYPES, Adapter, Arch, ModelError, check_supported
 
 
@@ -257,7 +258,7 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        raise ConfigError("`device` cuda asked for, but torch sees no CUDA device; use `device` cpu", "device")
     return torch.device(choice)
 
 

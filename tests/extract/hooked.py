@@ -17,8 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from extract.stages.ablation import metrics as abl
 from extract.models.loading import Adapter
+from extract.stages.ablation import metrics as abl
 from extract.stages.prompts import Prompt
 
 

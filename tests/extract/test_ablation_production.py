@@ -36,10 +36,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extract.stages.ablation import metrics as abl
 from extract.models import sizing
-from extract.stages.ablation import grid as ablation_grid
 from extract.models.loading import Adapter, load_model
+from extract.stages.ablation import grid as ablation_grid
+from extract.stages.ablation import metrics as abl
 from extract.stages.prompts import build_prompts, default_words
 from store.schema import TOLERANCE
 from tests.extract.hooked import hf_logits, one_unit

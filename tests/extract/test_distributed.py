@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.stages.ablation.metrics import grid_groups
 from extract.config import ExtractConfig
 from extract.pipeline.run import batches, extract
+from extract.stages.ablation.metrics import grid_groups
 from store.ledger import Ledger, sha256_file
 from store.schema import ABLATION_DIR, LEDGER_NAME, PROMPTS_DIR, prompt_shard_name
 from store.verify import verify

@@ -339,8 +339,8 @@ def test_greedy_continuation_without_a_cache_gives_the_same_tokens(tiny_run):
     """Models that hand back no KV cache are continued with full forwards: same tokens."""
     import dataclasses
 
-    from extract.stages.capture.engine import capture, greedy_continue
     from extract.models.loading import Adapter, load_model
+    from extract.stages.capture.engine import capture, greedy_continue
 
     model_dir, out, _ = tiny_run
     model, _, _ = load_model(str(model_dir), progress=False)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from extract.models.loading import Adapter, ModelError, check_supported, load_model
 from extract.stages.ablation import metrics as abl
 from extract.stages.capture.engine import capture, derive
-from extract.models.loading import Adapter, ModelError, check_supported, load_model
 from extract.stages.prompts import build_prompts
 from tests.conftest import WINDOW
 from tests.extract.test_ablation import TEMPLATES, WORDS, _close, _grid, _hf_logits, _one_unit

@@ -15,11 +15,11 @@ from typing import Literal
 
 import torch
 
+from extract.models.families import Adapter
+from extract.models.sizing import sizes
 from extract.stages.ablation.block import Ablate, block
 from extract.stages.ablation.means import Means, key_maps
-from extract.models.families import Adapter
 from extract.stages.prompts import Prompt
-from extract.models.sizing import sizes
 
 GROUP_PROMPTS = 64  # prompts sharing one prefix run: bounds memory, amortises the prefix
 # Rows per block call and prompts per wavefront come from the device: extract.models.sizing.

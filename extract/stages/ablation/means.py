@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from extract.stages.ablation.block import block
 from extract.models.families import Adapter
+from extract.stages.ablation.block import block
 from extract.stages.prompts import Prompt
 from store.schema import Role
 

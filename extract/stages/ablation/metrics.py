@@ -52,14 +52,8 @@ the clean pass and the schedules) and this one (results: summaries and shards).
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
-from typing import Literal
-
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from extract.stages.ablation.block import Ablate, BlockOut, attend, block  # noqa: F401  (re-exported API)
 from extract.stages.ablation.grid import (  # noqa: F401
@@ -70,11 +64,7 @@ from extract.stages.ablation.grid import (  # noqa: F401
     shared_prefix,
 )
 from extract.stages.ablation.means import KeyMap, Means, compute_means, key_maps  # noqa: F401
-from extract.stages.capture.engine import invariant_errors
-from extract.models.families import Adapter
-from extract.stages.prompts import Prompt
-from store.schema import ABLATION_DIR, A, Mode
-from store.warehouse import WarehouseWriter, validation_array
+from store.schema import A, Mode
 
 MODE_NAMES: tuple[str, ...] = tuple(m.name.lower() for m in Mode)
 
@@ -121,106 +111,3 @@ def summarise(ablated: torch.Tensor, clean_logits: torch.Tensor, target: int, to
         A.TOPK_IDS: top_i,
         A.TOPK_LOGITS: top_v,
     }
-
-
-def run_ablation(
-    adapter: Adapter,
-    prompts: list[Prompt],
-    targets: dict[int, int],
-    writer: WarehouseWriter,
-    *,
-    modes: tuple[str, ...],
-    positions: Literal["all", "last"],
-    layers: tuple[int, ...] | None,
-    top_k: int,
-    fingerprint: str,
-    progress: bool = True,
-    reference: Callable[[int], np.ndarray] | None = None,
-    tolerance: float = 1e-4,
-    means: Means | None = None,
-    only: Callable[[list[Prompt]], bool] = lambda g: True,
-) -> dict[str, float]:
-    """Ablate every unit of every requested layer for each prompt without an ablation shard.
-
-    Writes ``ablation/pNNNNN.h5`` per prompt (fields store.schema.A, axes (M, L', U[, K]), and
-    the engine's clean reference ``clean_*``, axes ()), atomically; returns timings. Every
-    number is relative to that clean reference. With ``reference`` (prompt index -> the
-    model's own logits at the last position, as the extraction stored them) each shard also
-    records invariant 6's first half, checked on every run: the engine's own forward with
-    nothing removed reproduces the model (rel. error within ``tolerance``). ``means`` (from
-    ``compute_means`` over every prompt) skips recomputing them; only the groups of
-    ``grid_groups(prompts)`` for which ``only(group)`` is true are run (a Ray worker runs one
-    group per call).
-    """
-    a = adapter.arch
-    L = a.n_layers
-    U = a.n_heads + 2
-    bad_modes = [m for m in modes if m not in MODE_NAMES]
-    if bad_modes:
-        raise ValueError(f"unknown ablation mode(s) {bad_modes}; choose from {', '.join(MODE_NAMES)}")
-    if positions not in ("all", "last"):
-        raise ValueError(f"--ablate-positions must be 'all' or 'last', not {positions!r}")
-    layers = tuple(range(L)) if layers is None else tuple(sorted(set(layers)))
-    bad = [x for x in layers if not 0 <= x < L]
-    if bad:
-        raise ValueError(f"--ablate-layers {bad} outside 0..{L - 1}")
-    t0 = time.perf_counter()
-    done = writer.done(ABLATION_DIR)
-    mine = {p.index for g in grid_groups(prompts) if only(g) for p in g}
-    pending = [p for p in prompts if p.index not in done and p.index in mine]
-    if not pending or not modes or not layers:
-        return {"prompts": 0, "means_s": 0.0, "grid_s": 0.0}
-    missing = [p.index for p in pending if p.index not in targets]
-    if missing:
-        raise ValueError(f"no target token for prompts {missing[:5]}")
-    if means is None and "mean" in modes:
-        means = compute_means(adapter, prompts, progress)
-    t1 = time.perf_counter()
-    spec = GridSpec(tuple(modes), positions, layers)
-    M, Lp = len(modes), len(layers)
-    acc: dict[int, dict] = {}
-
-    todo = {p.index for p in pending}
-
-    def sink(p: Prompt, li: int, logits: torch.Tensor, clean: torch.Tensor) -> None:
-        assert logits.dim() == 2 and logits.shape[0] == M * U, logits.shape  # (C, V)
-        if p.index not in todo:
-            return  # rerun only as a member of its group; its shard exists
-        stats = summarise(logits, clean, targets[p.index], top_k)
-        st = acc.setdefault(p.index, {})
-        if A.CLEAN_TOP1_ID not in st:
-            st.update(clean_reference(clean, targets[p.index]))
-        if reference is not None and A.VALIDATION not in st:
-            model = torch.from_numpy(np.asarray(reference(p.index), np.float32)).to(clean.device)  # (V,)
-            ((err, rel),) = invariant_errors(clean.float()[None], model[None])
-            st[A.VALIDATION] = validation_array(
-                [("ablation_clean_is_model", err, rel, tolerance, rel <= tolerance)])
-        for f, v in stats.items():
-            arr = st.setdefault(f, np.zeros((M, Lp, U, *v.shape[1:]), dtype=np.dtype(f.dtype)))
-            arr[:, li] = v.cpu().numpy().reshape(M, U, *v.shape[1:])
-
-    def finish(p: Prompt) -> None:
-        if p.index not in todo:
-            return  # its shard exists: never rewritten
-        st = acc.pop(p.index)
-        with writer.shard_writer(p.index, ABLATION_DIR) as s:
-            for f, v in st.items():
-                s.put(f, v)
-            s.attrs({"prompt_index": p.index, "fingerprint": fingerprint, "modes": list(modes),
-                     "positions": positions, "layers": np.array(layers, np.int32), "n_heads": a.n_heads})
-
-    # Groups come from every prompt (see grid_groups): a group with a pending prompt is rerun
-    # whole, as first composed, and only its missing shards are written.
-    def finished(group: list[Prompt]) -> bool:
-        return all(p.index not in todo for p in group)
-
-    rerun = sum(len(g) for g in grid_groups(prompts) if not finished(g))
-    bar = tqdm(total=rerun * Lp, unit="prompt-layer", desc="ablation grid", disable=not progress,
-               file=sys.stderr)
-    try:
-        iter_grid(adapter, prompts, spec, means, sink=sink, done=finish, tick=bar.update,
-                  all_prompts=prompts, skip=finished)
-    finally:
-        bar.close()
-    return {"prompts": len(pending), "means_s": round(t1 - t0, 3),
-            "grid_s": round(time.perf_counter() - t1, 3)}

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from extract.models.families import Adapter
 from extract.stages.ablation.block import Ablate, block
 from extract.stages.ablation.grid import chunks
-from extract.models.families import Adapter
 from store.schema import PatchKind as K
 
 ROWS_PER_PASS = 2048  # (patch, position) rows per block call at a chunk's widest block
