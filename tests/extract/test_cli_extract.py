@@ -247,9 +247,9 @@ def test_resume_recomputes_only_missing_shards_bit_for_bit(tiny_qwen2_dir, tmp_p
 
 def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch):
     """A tolerance no float computation meets: the run says so loudly and exits 1."""
-    import extract.pipeline.run
+    import store.schema
 
-    monkeypatch.setitem(extract.pipeline.run.TOLERANCE, "float32", 0.0)
+    monkeypatch.setitem(store.schema.TOLERANCE, "float32", 0.0)
     out = tmp_path / "w"
     r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out))
     assert r.exit_code == 1
@@ -345,15 +345,15 @@ def test_resume_refused_when_weights_change_in_place(tiny_qwen2_dir, tmp_path):
 
 
 def test_resume_in_another_environment_is_refused_unless_allowed(tiny_qwen2_dir, tmp_path, monkeypatch):
-    import extract.pipeline.run
+    import extract.pipeline.manifest
 
     out, words = tmp_path / "w", _words(tmp_path, "cat\n")
     args = ("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out))
     r = _run(*args)
     assert r.exit_code == 0, r.output
     (out / "prompts" / "p00001.h5").unlink()  # something left to do
-    real = extract.pipeline.run.library_versions
-    monkeypatch.setattr(extract.pipeline.run, "library_versions", lambda: {**real(), "torch": "9.9.9"})
+    real = extract.pipeline.manifest.library_versions
+    monkeypatch.setattr(extract.pipeline.manifest, "library_versions", lambda: {**real(), "torch": "9.9.9"})
     r = _run(*args, "--resume")
     assert r.exit_code == 1
     torch_now = real()["torch"]
