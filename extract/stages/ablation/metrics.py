@@ -47,7 +47,8 @@ shared prefix, each prompt's own positions, the last-position wavefront).
 
 Modules, one concern each: extract.stages.ablation.means (position keys and means),
 extract.stages.ablation.block (one block and the attention core), extract.stages.ablation.grid (groups,
-the clean pass and the schedules) and this one (results: summaries and shards).
+the clean pass and the schedules), this one (the numbers stored per unit) and
+extract.stages.ablation.stage (the stage: jobs, shards).
 """
 
 from __future__ import annotations

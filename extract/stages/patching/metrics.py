@@ -1,4 +1,5 @@
-"""Activation patching across templates, exact and attribution: metrics and shards.
+"""Activation patching across templates, exact and attribution: the numbers of one direction
+(the stage and its shards: extract.stages.patching.stage).
 
 For each word and template pair (a, b) both directions run: direction 0 patches the source
 prompt of template a into the destination prompt of template b (with the default templates:
