@@ -108,7 +108,8 @@ def _run(cfg: ExtractConfig, ex: Executor, w: WarehouseWriter, model: Loaded, t0
     stages = stages_for(cfg)
     session = Session(cfg, w, model if ex.computes_here else None, model.fingerprint, load, stages)
     if not ex.computes_here:
-        del model  # the driver computes nothing: free the model before the workers load theirs
+        model.adapter = None  # type: ignore[assignment]  # the driver computes nothing: free the
+        # model's weights before the workers load theirs (extract() still holds the Loaded)
     timings: dict[str, Any] = {"load_s": round(t_load, 3)}
     written: dict[str, int] = {}
     ex.start(session)
