@@ -66,7 +66,7 @@ def metrics(patched: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, toks: t
         PT.RECOVERY: ((diff - ld_d) / (ld_s - ld_d)).float(),
         PT.KL_SOURCE: (ls.exp() * (ls - lp)).sum(-1).clamp_min(0).float(),
         PT.KL_DEST: (ld_.exp() * (ld_ - lp)).sum(-1).clamp_min(0).float(),
-        PT.TOP1_ID.name: patched.argmax(-1).int(),
+        PT.TOP1_ID: patched.argmax(-1).int(),
     }
 
 
