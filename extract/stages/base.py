@@ -106,6 +106,7 @@ class Stage(Protocol):
 
 def write_shard(w: WarehouseWriter, shard: Shard) -> None:
     """One shard through the store's writer (atomic, ledgered; staged on a Ray actor)."""
+    (w.root / shard.folder).mkdir(parents=True, exist_ok=True)  # patching/<a>-<b>/: one per pair
     with w.shard_writer(shard.index, shard.folder) as s:
         for fld, value in shard.arrays.items():
             s.put(fld, value)
