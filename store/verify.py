@@ -149,7 +149,7 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
             add(p.name, "a partial write left by a killed run (`echowh extract --resume` removes it)")
         elif p.name not in TOP_LEVEL:
             add(p.name, "unknown file: not part of an echo-warehouse")
-        elif (p.name in (PROMPTS_DIR, ABLATION_DIR)) != p.is_dir():
+        elif (p.name in (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR)) != p.is_dir():
             add(p.name, "should be a directory")
     for sub in (PROMPTS_DIR, ABLATION_DIR):
         if not (root / sub).is_dir():
