@@ -201,7 +201,7 @@ def test_cli_uses_the_alias_prompt_form_only_by_default(monkeypatch, tmp_path, a
 
     seen = {}
 
-    def fake_extract(cfg, log=print):
+    def fake_extract(cfg, executor=None, log=print):
         seen["cfg"] = cfg
         return extract.pipeline.run.RunSummary(str(cfg.out), 0, 0, 0, {}, {})
 
