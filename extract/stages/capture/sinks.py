@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.families import Adapter
+from extract.models.families import Adapter
+from store.schema import F, Field
 
 # Families whose HF attention applies q_norm/k_norm to (B, heads, T, hd) rather than (B, T, heads, hd).
 HEADS_FIRST_QK_NORM = frozenset({"gemma3_text"})
@@ -51,15 +52,15 @@ def _gram(adapter: Adapter, layer: int) -> torch.Tensor:
 
 
 def sink_hooks(adapter: Adapter, store: dict) -> list[Any]:
-    """Forward hooks filling ``store['sink'][name][layer]`` with (B, T, H) float32 norms.
+    """Forward hooks filling ``store['sink'][field][layer]`` with (B, T, H) float32 norms.
 
-    Names: query_norm, key_norm, value_norm, value_out_norm. The hooks only read.
+    Fields: F.QUERY_NORM, F.KEY_NORM, F.VALUE_NORM, F.VALUE_OUT_NORM. The hooks only read.
     """
     a = adapter.arch
     H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
     L = a.n_layers
     group = torch.tensor(a.kv_group)
-    rec: dict[str, list] = {k: [None] * L for k in ("query_norm", "key_norm", "value_norm", "value_out_norm")}
+    rec: dict[Field, list] = {k: [None] * L for k in (F.QUERY_NORM, F.KEY_NORM, F.VALUE_NORM, F.VALUE_OUT_NORM)}
     store["sink"] = rec
     grams: dict[int, torch.Tensor] = {}
 
@@ -72,20 +73,20 @@ def sink_hooks(adapter: Adapter, store: dict) -> list[Any]:
         return x.reshape(*x.shape[:2], n, hd)
 
     def q_norms(i: int, q: torch.Tensor) -> None:
-        rec["query_norm"][i] = per_head(q, H).float().norm(dim=-1)  # (B, T, H)
+        rec[F.QUERY_NORM][i] = per_head(q, H).float().norm(dim=-1)  # (B, T, H)
 
     def k_norms(i: int, k: torch.Tensor) -> None:
         kn = per_head(k, KV).float().norm(dim=-1)  # (B, T, KV)
-        rec["key_norm"][i] = kn[..., group.to(kn.device)]
+        rec[F.KEY_NORM][i] = kn[..., group.to(kn.device)]
 
     def v_norms(i: int, v: torch.Tensor) -> None:
         vg = v.reshape(*v.shape[:2], KV, hd)[..., group.to(v.device), :]  # (B, T, H, hd)
-        rec["value_norm"][i] = vg.float().norm(dim=-1)
+        rec[F.VALUE_NORM][i] = vg.float().norm(dim=-1)
         if i not in grams:
             grams[i] = _gram(adapter, i)
         vd = vg.double()
         sq = torch.einsum("bthk,hkl,bthl->bth", vd, grams[i].to(vd.device), vd)
-        rec["value_out_norm"][i] = sq.clamp_min(0).sqrt().float()
+        rec[F.VALUE_OUT_NORM][i] = sq.clamp_min(0).sqrt().float()
 
     def hook(fn, i: int, lo: int | None = None, hi: int | None = None):
         def f(mod, args, out):
@@ -114,12 +115,12 @@ def sink_hooks(adapter: Adapter, store: dict) -> list[Any]:
     return handles
 
 
-def stack_norms(store: dict) -> dict[str, torch.Tensor]:
-    """Per name (B, L, H, T) float32 from the hooks' per-layer (B, T, H)."""
+def stack_norms(store: dict) -> dict[Field, torch.Tensor]:
+    """Per field (B, L, H, T) float32 from the hooks' per-layer (B, T, H)."""
     return {k: torch.stack(v, 1).transpose(2, 3) for k, v in store["sink"].items()}
 
 
-def resid_stats(resid: np.ndarray) -> dict[str, np.ndarray]:
+def resid_stats(resid: np.ndarray) -> dict[Field, np.ndarray]:
     """One prompt's residual (B, T, D) -> its largest |values|, their dims and medians."""
     r = np.asarray(resid, dtype=np.float32)
     ab = np.abs(r)
@@ -128,31 +129,31 @@ def resid_stats(resid: np.ndarray) -> dict[str, np.ndarray]:
     order = np.argsort(-np.take_along_axis(ab, part, -1), axis=-1, kind="stable")
     dims = np.take_along_axis(part, order, -1)  # largest |value| first
     return {
-        "resid_top_values": np.take_along_axis(r, dims, -1),
-        "resid_top_dims": dims.astype(np.int32),
-        "resid_median_abs": np.median(ab, axis=-1),  # (B, T)
-        "resid_median_abs_all": np.median(ab.reshape(ab.shape[0], -1), axis=-1),  # (B,)
+        F.RESID_TOP_VALUES: np.take_along_axis(r, dims, -1),
+        F.RESID_TOP_DIMS: dims.astype(np.int32),
+        F.RESID_MEDIAN_ABS: np.median(ab, axis=-1),  # (B, T)
+        F.RESID_MEDIAN_ABS_ALL: np.median(ab.reshape(ab.shape[0], -1), axis=-1),  # (B,)
     }
 
 
 @torch.no_grad()
 def first_position_lens(adapter: Adapter, input_ids: torch.Tensor, resid: torch.Tensor,
-                        top_k: int) -> list[dict[str, np.ndarray]]:
+                        top_k: int) -> list[dict[Field, np.ndarray]]:
     """Logit lens at position 0 per prompt: top-k ids, logits, probs (B+1 boundaries, K).
 
     input_ids (N, T), resid (N, L+1, T, D). Computed once per distinct first token.
     """
     out: list[dict[str, np.ndarray]] = []
-    done: dict[int, dict[str, np.ndarray]] = {}
+    done: dict[int, dict[Field, np.ndarray]] = {}
     for b, t0 in enumerate(input_ids[:, 0].tolist()):
         if t0 not in done:
             x = resid[b, :, 0]  # (L+1, D)
             logits = adapter.logits(x.to(adapter.lm_head.weight.dtype))  # (L+1, V)
             lse = torch.logsumexp(logits, -1, keepdim=True)
             v, i = logits.topk(top_k, dim=-1)
-            done[t0] = {"lens_first_topk_ids": i.cpu().numpy().astype(np.int32),
-                        "lens_first_topk_logits": v.cpu().numpy(),
-                        "lens_first_topk_probs": (v - lse).exp().cpu().numpy()}
+            done[t0] = {F.LENS_FIRST_TOPK_IDS: i.cpu().numpy().astype(np.int32),
+                        F.LENS_FIRST_TOPK_LOGITS: v.cpu().numpy(),
+                        F.LENS_FIRST_TOPK_PROBS: (v - lse).exp().cpu().numpy()}
         out.append(done[t0])
     return out
 
@@ -163,5 +164,5 @@ def add_sink_arrays(adapter: Adapter, cap: Any, derived: list[Any], top_k: int) 
     lens = first_position_lens(adapter, cap.input_ids, cap.resid, top_k)
     for b, d in enumerate(derived):
         d.arrays.update({k: v[b] for k, v in norms.items()})
-        d.arrays.update(resid_stats(d.arrays["resid"]))
+        d.arrays.update(resid_stats(d.arrays[F.RESID]))
         d.arrays.update(lens[b])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from extract.models import Adapter
+from extract.models.loading import Adapter
 
 CPU_ROWS_PER_PASS = 1536
 CPU_WAVE_PROMPTS = 4

@@ -1,9 +1,9 @@
 """The batched patching engine: every patch of a pair direction, exactly, on the ablation engine.
 
 A patch puts the source run's activation at a named point of the destination run: the residual
-at a boundary, the attention or MLP block's contribution (extract.ablation_block's ``a``/``m``
+at a boundary, the attention or MLP block's contribution (extract.stages.ablation.block's ``a``/``m``
 points), or a head's slice of the o_proj input (``z``). It is an intervention ``out = value *
-keep + repl`` of extract.ablation_block.Ablate with ``keep = 0`` and ``repl = source`` on the
+keep + repl`` of extract.stages.ablation.block.Ablate with ``keep = 0`` and ``repl = source`` on the
 patched entries, so the block code is the ablation engine's, unchanged. What is reused:
 
 - **The clean destination state.** A patch at block ``l`` and position ``p`` changes nothing
@@ -12,7 +12,7 @@ patched entries, so the block code is the ablation engine's, unchanged. What is 
   ablation engine's shared-prefix keys, here the destination's own cache).
 - **Batching and the wavefront.** Patches are grouped by their first patched position; within a
   group all patches advance block by block together, a patch joining the batch at its own
-  block (the last-position wavefront of extract.ablation_grid, generalised to a position).
+  block (the last-position wavefront of extract.stages.ablation.grid, generalised to a position).
   Each block therefore runs only the (patch, position) rows that can differ from the clean run:
   the FLOP lower bound up to the one attention of block ``l`` per patch.
 - **Rows per pass.** A group is cut into chunks of at most ROWS_PER_PASS rows (patches x
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from extract.ablation_block import Ablate, block
-from extract.ablation_grid import chunks
-from extract.families import Adapter
+from extract.models.families import Adapter
+from extract.stages.ablation.block import Ablate, block
+from extract.stages.ablation.grid import chunks
 from store.schema import PatchKind as K
 
 ROWS_PER_PASS = 2048  # (patch, position) rows per block call at a chunk's widest block

@@ -1,6 +1,6 @@
 """Scheduling of the ablation grid: prompt groups, the clean pass, and the two wavefronts.
 
-See extract.ablation for what is computed and why it is exact. This module decides which
+See extract.stages.ablation.metrics for what is computed and why it is exact. This module decides which
 rows run through which block together: groups of prompts of one template sharing a prefix,
 the clean pass that records every residual, key and value once, the all-position schedule
 (ablated prefix once per (group, layer), then each prompt's own positions) and the
@@ -15,14 +15,14 @@ from typing import Literal
 
 import torch
 
-from extract.ablation_block import Ablate, block
-from extract.ablation_means import Means, key_maps
-from extract.families import Adapter
-from extract.prompts import Prompt
-from extract.sizing import sizes
+from extract.models.families import Adapter
+from extract.models.sizing import sizes
+from extract.stages.ablation.block import Ablate, block
+from extract.stages.ablation.means import Means, key_maps
+from extract.stages.prompts import Prompt
 
 GROUP_PROMPTS = 64  # prompts sharing one prefix run: bounds memory, amortises the prefix
-# Rows per block call and prompts per wavefront come from the device: extract.sizing.
+# Rows per block call and prompts per wavefront come from the device: extract.models.sizing.
 
 
 def _arange(a: int, b: int, dev) -> torch.Tensor:

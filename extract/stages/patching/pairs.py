@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extract.prompts import Prompt, PromptError
+from extract.config import ConfigError, check_pairs
+from extract.stages.prompts import Prompt
 
 UNPATCHABLE = -1
 
@@ -85,25 +86,19 @@ def align(dst: Prompt, src: Prompt) -> Alignment:
 
 
 def parse_pairs(text: str | None, n_templates: int) -> tuple[tuple[int, int], ...]:
-    """``0:1,0:2`` -> ((0, 1), (0, 2)); None -> the first two templates. PromptError if invalid."""
+    """``0:1,0:2`` -> ((0, 1), (0, 2)); None -> the first two templates. ConfigError if invalid."""
     if text is None or not text.strip():
-        if n_templates < 2:
-            raise PromptError("patching needs at least two templates (--template twice)")
+        check_pairs(None, n_templates)
         return ((0, 1),)
     out: list[tuple[int, int]] = []
     for part in text.split(","):
         try:
             a, b = (int(x) for x in part.split(":"))
         except ValueError:
-            raise PromptError(f"--patch-pairs: {part.strip()!r} is not a:b (template numbers, e.g. 0:1)") from None
-        if a == b:
-            raise PromptError(f"--patch-pairs: {a}:{b} pairs a template with itself")
-        bad = [x for x in (a, b) if not 0 <= x < n_templates]
-        if bad:
-            raise PromptError(f"--patch-pairs: template {bad[0]} does not exist (templates 0-{n_templates - 1})")
-        if (a, b) in out or (b, a) in out:
-            raise PromptError(f"--patch-pairs: {a}:{b} is given twice (each pair runs both directions)")
+            raise ConfigError(f"`patch_pairs`: {part.strip()!r} is not a:b (template numbers, e.g. 0:1)",
+                              "patch_pairs") from None
         out.append((a, b))
+    check_pairs(tuple(out), n_templates)
     return tuple(out)
 
 

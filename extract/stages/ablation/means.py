@@ -1,4 +1,4 @@
-"""Mean ablation's position keys and means (see extract.ablation for the definitions).
+"""Mean ablation's position keys and means (see extract.stages.ablation.metrics for the definitions).
 
 A template's positions are keyed by role: positions before the word (FIRST/TEMPLATE) by
 absolute index, the word's tokens (WORD) pooled into one key, positions after the word
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from extract.ablation_block import block
-from extract.families import Adapter
-from extract.prompts import Prompt
+from extract.models.families import Adapter
+from extract.stages.ablation.block import block
+from extract.stages.prompts import Prompt
 from store.schema import Role
 
 

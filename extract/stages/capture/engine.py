@@ -3,7 +3,7 @@
 Hooks only read: the model runs exactly as Hugging Face wrote it, and its own logits are
 compared with what the captured tensors imply (the invariants), so a wrong hook shows up.
 
-The hook points come from the family adapter (extract.families): ``attn_out`` / ``mlp_out`` are
+The hook points come from the family adapter (extract.models.families): ``attn_out`` / ``mlp_out`` are
 each block's contribution to the residual (after gemma's post-attention / post-feedforward
 norms), per-head outputs carry the frozen post-norm gain under sandwich norms, and DLA
 attributes the pre-soft-cap logit (invariant 4 compares cap * tanh(sum / cap) with the model).
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.models import Adapter
-from extract.sinks import sink_hooks, stack_norms
+from extract.models.families import Adapter
+from extract.stages.capture.sinks import sink_hooks, stack_norms
+from store.schema import F, Field
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Captured:
     pattern: torch.Tensor  # (B, L, H, T, T)
     logits: torch.Tensor  # (B, V) the model's own logits at the last position (soft-capped if it caps)
     cache: object  # the model's KV cache, to continue generation without recomputing
-    sinks: dict[str, torch.Tensor]  # (B, L, H, T) query/key/value/value-out norms (extract.sinks)
+    sinks: dict[Field, torch.Tensor]  # (B, L, H, T) query/key/value/value-out norms (extract.stages.capture.sinks)
 
 
 @contextmanager
@@ -119,7 +120,7 @@ def head_outputs(adapter: Adapter, z: torch.Tensor, layer: int) -> tuple[torch.T
     """Per-head outputs of one layer: (B, T, H*hd) o_proj inputs -> (B, T, H, D), and the bias term.
 
     Under sandwich norms each head is scaled by the post-attention norm's frozen gain at its
-    position (extract.families), and so is the o_proj bias: the bias term is (B, T, D) then.
+    position (extract.models.families), and so is the o_proj bias: the bias term is (B, T, D) then.
     Without a post-norm the bias term is the o_proj bias itself (D,), or None.
     """
     a = adapter.arch
@@ -168,7 +169,7 @@ def invariant_errors(a: torch.Tensor, ref: torch.Tensor) -> list[tuple[float, fl
 class Derived:
     """Per-prompt numpy arrays ready for the shard (see store.schema.F)."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[Field, np.ndarray]
     errors: dict[str, tuple[float, float]]  # invariant -> (max_abs_err, rel_err)
 
 
@@ -255,26 +256,26 @@ def derive(
     for b in range(B):
         errors = {name: errs[b] for name, errs in errors_by_name.items()}
         arrays = {
-            "resid": cap.resid[b],
-            "attn_out": cap.attn_out[b],
-            "mlp_out": cap.mlp_out[b],
-            "head_out": head_last[b],
-            "attn_pattern": cap.pattern[b],
-            "lens_topk_ids": topi[b],
-            "lens_topk_logits": topv[b],
-            "lens_topk_probs": top_p[b],
-            "lens_target_logit": t_logit[b],
-            "lens_target_prob": t_prob[b],
-            "lens_target_rank": t_rank[b],
-            "final_logits": cap.logits[b],
-            "final_scale": s[b],
-            "dla_embed": dla_embed[b],
-            "dla_head": dla_head[b],
-            "dla_attn_bias": dla_bias[b],
-            "dla_mlp": dla_mlp[b],
+            F.RESID: cap.resid[b],
+            F.ATTN_OUT: cap.attn_out[b],
+            F.MLP_OUT: cap.mlp_out[b],
+            F.HEAD_OUT: head_last[b],
+            F.ATTN_PATTERN: cap.pattern[b],
+            F.LENS_TOPK_IDS: topi[b],
+            F.LENS_TOPK_LOGITS: topv[b],
+            F.LENS_TOPK_PROBS: top_p[b],
+            F.LENS_TARGET_LOGIT: t_logit[b],
+            F.LENS_TARGET_PROB: t_prob[b],
+            F.LENS_TARGET_RANK: t_rank[b],
+            F.FINAL_LOGITS: cap.logits[b],
+            F.FINAL_SCALE: s[b],
+            F.DLA_EMBED: dla_embed[b],
+            F.DLA_HEAD: dla_head[b],
+            F.DLA_ATTN_BIAS: dla_bias[b],
+            F.DLA_MLP: dla_mlp[b],
         }
         if head_all is not None:
-            arrays["head_out_all"] = head_all[b]
+            arrays[F.HEAD_OUT_ALL] = head_all[b]
         out.append(Derived({k: v.detach().cpu().numpy() for k, v in arrays.items()}, errors))
     return out
 
