@@ -16,10 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.families import Adapter
-from extract.taskvec.interventions import Row, WordResult, plan_aie, plan_interventions, run_rows
-from extract.taskvec.prompts import N_DEMOS, PromptSet, build_set
-from extract.taskvec.vectors import (
+from extract.models.families import Adapter
+from extract.stages.taskvec.interventions import (
+    Row,
+    WordResult,
+    plan_aie,
+    plan_interventions,
+    run_rows,
+)
+from extract.stages.taskvec.prompts import N_DEMOS, PromptSet, build_set
+from extract.stages.taskvec.vectors import (
     FunctionVectors,
     Vectors,
     build_vectors,

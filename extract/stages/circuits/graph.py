@@ -181,5 +181,5 @@ class Graph:
 
 
 def graph_of(arch) -> Graph:
-    """The graph of a model shape (an ``extract.families.Arch``)."""
+    """The graph of a model shape (an ``extract.models.families.Arch``)."""
     return Graph(arch.n_layers, arch.n_heads, arch.n_kv_heads)

@@ -13,8 +13,8 @@ Public API (what a pipeline stage calls):
 - ``accuracy``, ``baselines``, ``cosines``; ``run_study`` runs every phase in order.
 """
 
-from extract.taskvec.engine import Edit, run_group
-from extract.taskvec.interventions import (
+from extract.stages.taskvec.engine import Edit, run_group
+from extract.stages.taskvec.interventions import (
     Row,
     WordResult,
     edit_for,
@@ -22,9 +22,16 @@ from extract.taskvec.interventions import (
     plan_interventions,
     run_rows,
 )
-from extract.taskvec.prompts import PromptSet, Split, TVPrompt, build_set
-from extract.taskvec.study import Accuracy, StudyResult, accuracy, aie_table, baselines, run_study
-from extract.taskvec.vectors import (
+from extract.stages.taskvec.prompts import PromptSet, Split, TVPrompt, build_set
+from extract.stages.taskvec.study import (
+    Accuracy,
+    StudyResult,
+    accuracy,
+    aie_table,
+    baselines,
+    run_study,
+)
+from extract.stages.taskvec.vectors import (
     FunctionVectors,
     Vectors,
     build_vectors,

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.circuits import engine
-from extract.circuits.graph import Graph, graph_of
-from extract.circuits.pairs import CircuitPair
-from extract.families import Adapter
+from extract.models.families import Adapter
+from extract.stages.circuits import engine
+from extract.stages.circuits.graph import Graph, graph_of
+from extract.stages.circuits.pairs import CircuitPair
 from store.circuits_schema import METHODS, METRICS
 
 

@@ -3,7 +3,7 @@
 A plan is a list of ``Row`` (method, destination kind, boundary/block, head, k, c, positions);
 ``run_rows`` builds each row's ``engine.Edit`` from the train-built vectors, groups rows by
 (destination kind, positions) and prompts by length, and runs every group once through
-extract.taskvec.engine. Per row and word: the metrics of the spec at the last position, relative
+extract.stages.taskvec.engine. Per row and word: the metrics of the spec at the last position, relative
 to the clean reference of the same batch (the engine's spine); per word and kind the clean
 reference itself; per word the stored invariants.
 
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from extract.families import Adapter
-from extract.prompts import choose_target
-from extract.taskvec.engine import Edit, hf_last_logits, prefix_kv, run_group
-from extract.taskvec.prompts import PromptSet, TVPrompt
-from extract.taskvec.vectors import FunctionVectors, Vectors
+from extract.models.families import Adapter
+from extract.stages.prompts import choose_target
+from extract.stages.taskvec.engine import Edit, hf_last_logits, prefix_kv, run_group
+from extract.stages.taskvec.prompts import PromptSet, TVPrompt
+from extract.stages.taskvec.vectors import FunctionVectors, Vectors
 from store.schema import TOLERANCE
 from store.taskvec_schema import COEFFICIENTS, FV_KS, TQ, Kind, Method, Where
 

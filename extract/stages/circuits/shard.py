@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from extract.circuits.faithfulness import PairCircuits
-from extract.circuits.graph import Graph
-from extract.circuits.scores import PairScores
+from extract.stages.circuits.faithfulness import PairCircuits
+from extract.stages.circuits.graph import Graph
+from extract.stages.circuits.scores import PairScores
 from store.circuits_schema import (
     CIRCUITS_DIR,
     GRAPH_FILE,

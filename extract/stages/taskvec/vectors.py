@@ -4,13 +4,13 @@
 - SV[b] = mean resid[b](repeat(x)) - mean resid[b](echo(x)) at the last position;
 - head means over demo(x): each head's output (its o_proj-input slice z_h times its W_O slice,
   gemma: times that forward's frozen post-norm gain s * g) and z-bar, the mean slice itself;
-- AIE(l, h): from the HEAD_MEAN rows on held-out words (extract.taskvec.interventions);
+- AIE(l, h): from the HEAD_MEAN rows on held-out words (extract.stages.taskvec.interventions);
 - FV_k: the sum of the top-k heads' mean outputs by AIE (ties: the lower flat index l * H + h
   first, a stable sort), k in 5, 10, 20 (capped at L * H).
 
 Train-word residuals come from the model's own HF forward, read by hooks at the last position
 (the decoder layers' inputs, the final norm's input, o_proj's inputs); the model's logits are
-checked against the read last residual (``capture_error``). Per-head outputs: extract.capture's
+checked against the read last residual (``capture_error``). Per-head outputs: extract.stages.capture.engine's
 ``head_outputs``.
 Every vector records the words it was built from (``built_from``): the interventions refuse to
 evaluate on any of them.
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.capture import head_outputs
-from extract.families import Adapter
-from extract.taskvec.prompts import PromptSet, TVPrompt
+from extract.models.families import Adapter
+from extract.stages.capture.engine import head_outputs
+from extract.stages.taskvec.prompts import PromptSet, TVPrompt
 from store.schema import TOLERANCE
 from store.taskvec_schema import FV_KS, TV, Compared, Kind
 

@@ -1,7 +1,7 @@
 """The prompt sets of the task-vector study (specs/taskvec.md, "Prompt sets").
 
 Deterministic from the word list alone (no seed): words in list order, even indices train,
-odd indices held out. Every kind of prompt is built by ``extract.prompts.build_prompts`` with a
+odd indices held out. Every kind of prompt is built by ``extract.stages.prompts.build_prompts`` with a
 per-word "template", so the chat wrapping, tokenisation, word span and target candidates are the
 project's own:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from extract.prompts import Prompt, PromptError, build_prompts
+from extract.stages.prompts import Prompt, PromptError, build_prompts
 from store.taskvec_schema import Kind
 
 ARROW = " -> "

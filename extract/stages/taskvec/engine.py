@@ -20,7 +20,7 @@ extract.patching_grid's start position):
 
 A group is prompts of one length T sharing ``start`` (T - 1 for last-position edits); the same
 edits run on every prompt of the group (their vectors are the same for every prompt: the study
-builds them from train words). The block code is extract.ablation_block's, unchanged; the
+builds them from train words). The block code is extract.stages.ablation.block's, unchanged; the
 independent check is one hooked HF forward per edit (tests/extract/test_taskvec.py).
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from extract.ablation_block import Ablate, block
-from extract.families import Adapter
-from extract.sizing import sizes
+from extract.models.families import Adapter
+from extract.models.sizing import sizes
+from extract.stages.ablation.block import Ablate, block
 
 PROMPTS_PER_CHUNK_ROWS = 64  # a chunk keeps at least this many rows per prompt when it can
 

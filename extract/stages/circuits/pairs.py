@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from extract.prompts import Prompt
+from extract.stages.prompts import Prompt
 
 KINDS = ("template", "word")
 

@@ -4,7 +4,7 @@ Evaluating a circuit C on a pair runs the clean input with every downstream inpu
 input_d = (its value in this forward) - sum_{u: (u->d) not in C} (a_u(this forward) - r_u), r the
 replacement: the corrupted run's outputs (``patch``), one mean vector per node over the study's
 clean prompts and positions (``mean``, ``node_means``), or 0 (``zero``). One engine forward
-(extract.circuits.engine, ``Patch``) runs one batch row per circuit.
+(extract.stages.circuits.engine, ``Patch``) runs one batch row per circuit.
 
 - Sizes: x in SIZES, n = round(x * n_edges) (Python's round: half to even), at least 1 for
   x > 0; x = 0 is the empty circuit. Selection ``abs``: top edges by |score|; ``signed``: by
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from extract.circuits import engine
-from extract.circuits.graph import Graph, InputKind, graph_of
-from extract.circuits.pairs import CircuitPair
-from extract.circuits.scores import PairScores, answers, metric_values
-from extract.families import Adapter
-from extract.prompts import Prompt
+from extract.models.families import Adapter
+from extract.stages.circuits import engine
+from extract.stages.circuits.graph import Graph, InputKind, graph_of
+from extract.stages.circuits.pairs import CircuitPair
+from extract.stages.circuits.scores import PairScores, answers, metric_values
+from extract.stages.prompts import Prompt
 from store.circuits_schema import METHODS, METRICS, SELECTIONS, SIZES
 
 REPLACEMENTS = ("patch", "mean", "zero")
@@ -213,7 +213,7 @@ def _replacement(rep: str, corr_up: torch.Tensor, means: torch.Tensor | None, T:
         return torch.zeros_like(corr_up)
     if rep == "mean":
         if means is None:
-            raise ValueError("mean replacement needs node means (extract.circuits.faithfulness.node_means)")
+            raise ValueError("mean replacement needs node means (extract.stages.circuits.faithfulness.node_means)")
         return means.to(corr_up)[None, :, None, :].expand_as(corr_up)
     raise ValueError(f"replacement must be one of {REPLACEMENTS}, not {rep!r}")
 

@@ -1,5 +1,5 @@
 """The circuits engine's forward: the model's own modules, stage by stage, with one copy of the
-residual per downstream input (extract.circuits.graph), so that a gradient or a patch can reach
+residual per downstream input (extract.stages.circuits.graph), so that a gradient or a patch can reach
 one edge's receiver and no other.
 
 Stages, as the graph's forward positions: 1 + 2l = block l's attention, 2 + 2l = its MLP,
@@ -8,7 +8,7 @@ Stages, as the graph's forward positions: 1 + 2l = block l's attention, 2 + 2l =
 - attention of layer l: head h's query reads ``h + extra[q_h]``, KV head g's key and value read
   ``h + extra[k_g]`` / ``h + extra[v_g]``; each copy is normed by the model's input_layernorm
   and projected by its own rows of the model's q/k/v (or fused qkv) weight; q/k norms, RoPE and
-  the attention core are the ablation engine's (extract.ablation_block.rotate / attend, which
+  the attention core are the ablation engine's (extract.stages.ablation.block.rotate / attend, which
   follow HF's eager attention); the block output is the model's o_proj (and post-norm).
 - MLP of layer l: ``h + extra[m_l]`` through the model's norm, MLP module (and post-norm).
 - logits: ``h + extra[logits]`` at the last position through the final norm, lm_head, soft-cap.
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from extract.ablation_block import attend, rotate
-from extract.circuits.graph import Graph
-from extract.families import Adapter, ModelError
+from extract.models.families import Adapter, ModelError
+from extract.stages.ablation.block import attend, rotate
+from extract.stages.circuits.graph import Graph
 
 
 @dataclass
