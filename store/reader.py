@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from store.checks import FIELDS, Expect, Kind, check_dataset, check_names, shard_dims, text
+from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE
 from store.errors import WarehouseError, first_line
 from store.schema import (
     ABLATION_DIR,
@@ -176,7 +177,8 @@ class WarehouseReader:
         try:
             f.kind, f.checked = kind, set()
             # model.h5's own sizes are the expectation: only its fingerprint is checked here
-            f.expect = Expect(self.manifest.get("fingerprint"), {}) if kind == "model" else self.expect()
+            f.expect = (Expect(self.manifest.get("fingerprint"), {}) if kind == "model"
+                        else Expect(None, {}) if kind == "circuits_graph" else self.expect())
             f.dims, problems = shard_dims(kind, f.attrs, index, f.expect, strict=False)
             problems += check_names(kind, set(f.keys()), f.expect, strict=False)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -215,9 +217,15 @@ class WarehouseReader:
         path = self.root / subdir / prompt_shard_name(index)
         if not path.exists():
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
-        kind: Kind = ("ablation" if subdir == ABLATION_DIR
-                      else "patching" if subdir.split("/")[0] == PATCHING_DIR else "prompt")
+        top = subdir.split("/")[0]
+        kind: Kind = ("ablation" if subdir == ABLATION_DIR else "patching" if top == PATCHING_DIR
+                      else "circuits" if top == CIRCUITS_DIR else "prompt")
         return self._open(path, kind, index)
+
+    def circuits_graph(self) -> h5py.File | None:
+        """``circuits/graph.h5`` (the edge graph of circuit shards), or None when not extracted."""
+        path = self.root / CIRCUITS_DIR / GRAPH_FILE
+        return self._open(path, "circuits_graph") if path.exists() else None
 
     def model_file(self) -> h5py.File:
         path = self.root / MODEL_FILE
