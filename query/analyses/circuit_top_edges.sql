@@ -11,7 +11,9 @@
 -- column: downstream VARCHAR | receiver input
 -- column: input_kind VARCHAR | q, k, v, mlp or logits
 -- column: up_layer INTEGER | sender's layer (-1: input)
+-- column: up_head INTEGER | sender's head (NULL: input, MLP)
 -- column: down_layer INTEGER | receiver's layer (logits: L)
+-- column: down_head INTEGER | receiver's query head (q) or KV head (k, v); NULL otherwise
 -- column: n_pairs BIGINT | pairs averaged
 -- column: mean_score DOUBLE | mean score over the pairs (estimated change of M when the edge is corrupted)
 -- column: mean_abs_score DOUBLE | mean |score| over the pairs
@@ -19,14 +21,14 @@
 WITH m AS (
     SELECT pair_kind, edge, any_value(upstream) AS upstream, any_value(downstream) AS downstream,
            any_value(input_kind) AS input_kind, any_value(up_layer) AS up_layer,
-           any_value(down_layer) AS down_layer, count(*) AS n_pairs, avg(score::DOUBLE) AS mean_score,
+           any_value(up_head) AS up_head, any_value(down_layer) AS down_layer, any_value(down_head) AS down_head, count(*) AS n_pairs, avg(score::DOUBLE) AS mean_score,
            avg(abs(score::DOUBLE)) AS mean_abs_score
     FROM circuit_edges
     WHERE method = CAST($method AS VARCHAR) AND metric = CAST($metric AS VARCHAR)
     GROUP BY pair_kind, edge
 ),
 r AS (SELECT *, row_number() OVER (PARTITION BY pair_kind ORDER BY abs(mean_score) DESC, edge) AS edge_rank FROM m)
-SELECT pair_kind, edge, upstream, downstream, input_kind, up_layer, down_layer, n_pairs, mean_score,
+SELECT pair_kind, edge, upstream, downstream, input_kind, up_layer, up_head, down_layer, down_head, n_pairs, mean_score,
        mean_abs_score, edge_rank
 FROM r WHERE edge_rank <= CAST($top AS INTEGER)
 ORDER BY pair_kind, edge_rank
