@@ -16,7 +16,16 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from store.circuits_schema import CG, CI, CIRCUIT_ATTRS, INPUT_KINDS, METHODS, METRICS, SELECTIONS, SIZES
+from store.circuits_schema import (
+    CG,
+    CI,
+    CIRCUIT_ATTRS,
+    INPUT_KINDS,
+    METHODS,
+    METRICS,
+    SELECTIONS,
+    SIZES,
+)
 from store.schema import (
     ABLATION_ATTRS,
     MODEL_ATTRS,

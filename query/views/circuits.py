@@ -20,7 +20,16 @@ import pyarrow as pa
 
 from query.columns import INVARIANT_CHECK, WORD, Column, T
 from query.registry import View, ViewKind, register, table
-from store.circuits_schema import CG, CI, CIRCUITS_DIR, INPUT_KINDS, METHODS, METRICS, SELECTIONS, SIZES
+from store.circuits_schema import (
+    CG,
+    CI,
+    CIRCUITS_DIR,
+    INPUT_KINDS,
+    METHODS,
+    METRICS,
+    SELECTIONS,
+    SIZES,
+)
 from store.warehouse import shard_indices
 
 if TYPE_CHECKING:
