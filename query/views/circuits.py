@@ -133,7 +133,8 @@ def _empty(name: str) -> dict[str, list]:
 
 
 def _shards(lo: Loader) -> list[tuple[str, int, h5py.File]]:
-    """(pair kind, clean prompt, open shard) of every circuits shard, through the warehouse reader."""
+    """(pair kind, clean prompt, open shard) of every circuits shard, through the warehouse reader
+    (which checks each shard against store.circuits_schema on open and each dataset on first read)."""
     out = []
     for kind in PAIR_KINDS:
         sub = f"{CIRCUITS_DIR}/{kind}"
@@ -143,16 +144,17 @@ def _shards(lo: Loader) -> list[tuple[str, int, h5py.File]]:
     return out
 
 
-def _template_of(lo: Loader) -> dict[int, int]:
-    return {int(p["index"]): int(p["template_index"]) for p in lo.r.manifest.get("prompts", [])
-            if p.get("template_index") is not None}
+class _Pairs:
+    """The pair columns of a shard (the clean prompt's template from the manifest, read once)."""
 
+    def __init__(self, lo: Loader) -> None:
+        self.template = {int(p["index"]): int(p["template_index"]) for p in lo.r.manifest.get("prompts", [])
+                         if p.get("template_index") is not None}
 
-def _pair(lo: Loader, kind: str, i: int, f: h5py.File) -> dict[str, Any]:
-    """The pair columns of one shard."""
-    return {"pair_kind": kind, "clean_prompt": i, "word": _str(f.attrs["clean_word"]),
-            "template": _template_of(lo).get(i),
-            "direction": int(f.attrs["direction"]) if kind == "template" else None}
+    def __call__(self, kind: str, i: int, f: h5py.File) -> dict[str, Any]:
+        return {"pair_kind": kind, "clean_prompt": i, "word": _str(f.attrs["clean_word"]),
+                "template": self.template.get(i),
+                "direction": int(f.attrs["direction"]) if kind == "template" else None}
 
 
 def _repeat(cols: dict[str, list], pair: dict[str, Any], n: int) -> None:
@@ -166,12 +168,12 @@ def _grid(*sizes: int) -> list[np.ndarray]:
 
 
 def _pairs(lo: Loader) -> pa.Table:
-    cols = _empty("circuit_pairs")
+    cols, pair = _empty("circuit_pairs"), _Pairs(lo)
     for kind, i, f in _shards(lo):
         with lo.reading(i, f"{CIRCUITS_DIR}/{kind}"):
             prompts, answers = f[CI.PROMPTS.name][()], f[CI.ANSWER_TOKENS.name][()]
             mc, mx = f[CI.METRIC_CLEAN.name][()], f[CI.METRIC_CORRUPTED.name][()]
-            row = {**_pair(lo, kind, i, f), "corrupted_prompt": int(prompts[1]),
+            row = {**pair(kind, i, f), "corrupted_prompt": int(prompts[1]),
                    "corrupted_word": _str(f.attrs["corrupted_word"]), "answer_rule": _str(f.attrs["answer_rule"]),
                    "t_clean": int(answers[0]), "t_corr": int(answers[1]),
                    "ld_clean": float(mc[METRICS.index("ld")]), "ld_corrupted": float(mx[METRICS.index("ld")]),
@@ -216,7 +218,7 @@ def _scores(lo: Loader) -> pa.Table:
 def _curves(lo: Loader, summary: bool) -> pa.Table:
     """``circuit_faithfulness`` (one row per size) or ``circuit_summary`` (CPR, CMD)."""
     name = "circuit_summary" if summary else "circuit_faithfulness"
-    cols = _empty(name)
+    cols, pair = _empty(name), _Pairs(lo)
     for kind, i, f in _shards(lo):
         with lo.reading(i, f"{CIRCUITS_DIR}/{kind}"):
             reps = np.array([_str(r) for r in f.attrs["replacements"]])
@@ -226,7 +228,7 @@ def _curves(lo: Loader, summary: bool) -> pa.Table:
         shape = cpr.shape if summary else faith.shape
         idx = _grid(*shape)
         me, mt, sel, r = idx[:4]
-        _repeat(cols, _pair(lo, kind, i, f), me.size)
+        _repeat(cols, pair(kind, i, f), me.size)
         cols["method"] += np.array(METHODS)[me].tolist()
         cols["metric"] += np.array(METRICS)[mt].tolist()
         cols["selection"] += np.array(SELECTIONS)[sel].tolist()
@@ -247,7 +249,7 @@ def _curves(lo: Loader, summary: bool) -> pa.Table:
 
 
 def _exact(lo: Loader) -> pa.Table:
-    cols = _empty("circuit_exact")
+    cols, pair = _empty("circuit_exact"), _Pairs(lo)
     graph = _graph(lo).to_pydict()
     for kind, i, f in _shards(lo):
         with lo.reading(i, f"{CIRCUITS_DIR}/{kind}"):
@@ -257,7 +259,7 @@ def _exact(lo: Loader) -> pa.Table:
         me, mt, es = _grid(*scores.shape)
         e = edges[es]
         k = np.array([INPUT_KINDS.index(graph["input_kind"][x]) for x in e], dtype=np.int64)
-        _repeat(cols, _pair(lo, kind, i, f), me.size)
+        _repeat(cols, pair(kind, i, f), me.size)
         cols["method"] += np.array(METHODS)[me].tolist()
         cols["metric"] += np.array(METRICS)[mt].tolist()
         cols["edge"] += e.tolist()

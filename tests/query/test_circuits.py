@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from query import Warehouse, get_analysis
 from store.circuits_schema import INPUT_KINDS, METHODS, METRICS, SELECTIONS, SIZES
@@ -313,3 +314,18 @@ def test_head_rankings_against_the_views(wh: Warehouse, raw: Raw) -> None:
     got = df.join(abl, on=["layer", "head"])
     assert got.height == len(heads) and (got["ablation_rank"] == got["r"]).all()
     assert df["sink_rank"].null_count() == 0 and sorted(df["sink_rank"])[0] == 1
+
+
+def test_parquet_export_holds_the_same_circuits(circuits_wh, tmp_path) -> None:
+    """`echowh export --parquet` keeps every circuits view (circuit_edges, derived and without a
+    prompt column, as one whole file) and every circuits analysis gives the same rows on it."""
+    from query.export import export_parquet
+
+    export_parquet(circuits_wh, tmp_path / "x", progress=False)
+    with Warehouse(circuits_wh) as a, Warehouse(tmp_path / "x") as b:
+        for v in ("circuit_pairs", "circuit_graph", "circuit_edges", "circuit_summary", "circuit_exact"):
+            x, y = (w.sql(f"SELECT * FROM {v}") for w in (a, b))
+            assert x.height > 0 and x.sort(x.columns).equals(y.sort(x.columns)), v
+        for name in ("circuit_top_edges", "circuit_paths", "circuit_agreement", "circuit_faithfulness_curve"):
+            # DuckDB's parallel sums and corr() may differ in the last bits between scans
+            assert_frame_equal(a.run_analysis(name), b.run_analysis(name), rel_tol=1e-9, abs_tol=1e-12)
