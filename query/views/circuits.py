@@ -201,11 +201,21 @@ def _graph(lo: Loader) -> pa.Table:
     return table(_BY_NAME["circuit_graph"], lo.d_model, cols)
 
 
+def _n_edges(lo: Loader) -> int | None:
+    """The graph's edge count (the E axis of every shard), None without a graph."""
+    with lo.reading():
+        g = lo.r.circuits_graph()
+        return None if g is None else int(g.attrs["n_edges"])
+
+
 def _scores(lo: Loader) -> pa.Table:
-    parts = []
+    parts, n_edges = [], _n_edges(lo)
     for kind, i, f in _shards(lo):
         with lo.reading(i, f"{CIRCUITS_DIR}/{kind}"):
             s = f[CI.SCORES.name][()]  # (Me, Mt, E)
+            if s.shape != (len(METHODS), len(METRICS), n_edges):
+                raise ValueError(f"scores has shape {s.shape}, the graph has {n_edges} edges "
+                                 f"({len(METHODS)}, {len(METRICS)}, E)")
         me, mt, e = _grid(*s.shape)
         cols = {"pair_kind": [kind] * s.size, "clean_prompt": np.full(s.size, i), "method": np.array(METHODS)[me],
                 "metric": np.array(METRICS)[mt], "edge": e, "score": s.reshape(-1)}

@@ -329,3 +329,23 @@ def test_parquet_export_holds_the_same_circuits(circuits_wh, tmp_path) -> None:
         for name in ("circuit_top_edges", "circuit_paths", "circuit_agreement", "circuit_faithfulness_curve"):
             # DuckDB's parallel sums and corr() may differ in the last bits between scans
             assert_frame_equal(a.run_analysis(name), b.run_analysis(name), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_a_damaged_circuits_shard_is_a_one_line_error(circuits_wh, tmp_path) -> None:
+    """Shards are read through the warehouse reader, which checks them against the schema."""
+    import shutil
+
+    from query import QueryError
+
+    copy = tmp_path / "w"
+    shutil.copytree(circuits_wh, copy)
+    bad = copy / "circuits" / "word" / "p00002.h5"
+    with h5py.File(bad, "r+") as f:
+        scores = f["scores"][()]
+        del f["scores"]
+        f["scores"] = scores[:, :, :-1]  # one edge short
+    with Warehouse(copy) as w:
+        assert w.sql("SELECT count(*) AS n FROM circuit_graph")["n"][0] > 0
+        with pytest.raises(QueryError, match=r"p00002\.h5: .*scores has shape \(3, 2, 789\), the graph has 790 edges") as e:
+            w.sql("SELECT count(*) FROM circuit_scores")
+        assert "\n" not in str(e.value)
