@@ -66,13 +66,16 @@ def node_positions(df: pl.DataFrame, s: Shape) -> pl.DataFrame:
 
 
 def circuit_diagram(edges: pl.DataFrame, s: Shape, title: str) -> alt.LayerChart:
-    """Layered node-link diagram: nodes at (layer, head), edges as rules (width |score|, colour input kind)."""
+    """Layered node-link diagram: nodes at (layer, head), edges as rules (width |score|, colour input kind);
+    a key or value input is drawn as its KV group's node ``a{l}.kv{g}``."""
     df = node_positions(edges, s).select("upstream", "downstream", "input_kind", "mean_score", "abs_score",
                                          "x", "y", "x2", "y2")
-    nodes = pl.concat([df.select(name="upstream", x="x", y="y"), df.select(name="downstream", x="x2", y="y2")
-                       .with_columns(pl.col("name").str.replace(r"<[qkv]>$", ""))]).unique(["x", "y"])
+    receivers = df.select(name="downstream", x="x2", y="y2").with_columns(  # a key/value input: its KV group
+        pl.col("name").str.replace(r"\.h(\d+)<[kv]>$", ".kv$1").str.replace(r"<q>$", ""))
+    nodes = pl.concat([df.select(name="upstream", x="x", y="y"), receivers]).unique(["x", "y"], keep="first")
     xs = alt.X("x:Q", title="layer (input at -1, MLPs at layer + 0.5, logits at L)")
-    ys = alt.Y("y:Q", title="head (MLP on top)", scale=alt.Scale(reverse=True))
+    ys = alt.Y("y:Q", title="head (KV group aN.kvG at its heads' middle; MLPs below)",
+               scale=alt.Scale(reverse=True))
     lines = alt.Chart(alt.Data(values=df.to_dicts())).mark_rule(opacity=0.7).encode(
         x=xs, y=ys, x2="x2:Q", y2="y2:Q",
         strokeWidth=alt.StrokeWidth("abs_score:Q", title="|mean score|", scale=alt.Scale(range=[0.5, 6])),
