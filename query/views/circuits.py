@@ -2,7 +2,7 @@
 the edge graph (``circuits/graph.h5``, CG); the numbers are defined in the circuits spec.
 
 A pair is named by (``pair_kind``, ``clean_prompt``): one shard per pair. Light views, read
-whole on first use: ``circuit_pairs``, ``circuit_scores`` (the compact edge scores: a pair,
+whole on first use: ``circuit_pairs``, ``circuit_nodes``, ``circuit_scores`` (the compact edge scores: a pair,
 method, metric, edge index and score per row), ``circuit_graph`` (one row per edge),
 ``circuit_faithfulness``, ``circuit_summary``, ``circuit_exact``, ``circuit_validation``.
 ``circuit_edges`` is derived (SQL): ``circuit_scores`` joined with the pair and the graph, so
@@ -82,6 +82,16 @@ VIEWS: tuple[View, ...] = (
     )),
     View("circuit_graph", "circuits: the model's edge graph, one row per edge (empty unless extracted with "
          "--circuits)", _GRAPH_COLS),
+    View("circuit_nodes", "circuits: the model graph's nodes, senders then receivers (empty unless extracted with "
+         "--circuits)", (
+        Column("node", T.VARCHAR, "sender: input, a{l}.h{h}, m{l}; receiver: a{l}.h{h}<q>, a{l}.h{g}<k|v>, m{l}, "
+               "logits"),
+        Column("side", T.VARCHAR, "'upstream' (a sender) or 'downstream' (a receiver's input)"),
+        Column("layer", T.INTEGER, "layer (-1: input; logits: L)"),
+        Column("head", T.INTEGER, "head (query head; KV head for k, v); NULL otherwise"),
+        INPUT_KIND.doc_as("a receiver's input: q, k, v, mlp or logits (NULL for a sender)"),
+        Column("n_edges", T.INTEGER, "edges the node sends (upstream) or receives (downstream)"),
+    )),
     View("circuit_scores", "circuits: edge scores, compact (one row per pair, method, metric and edge; "
          "circuit_edges names them)", (PAIR_KIND, CLEAN, METHOD, METRIC, EDGE, SCORE)),
     View("circuit_edges", "circuits: every edge's score per pair, method and metric, with its sender and "
@@ -208,6 +218,28 @@ def _n_edges(lo: Loader) -> int | None:
         return None if g is None else int(g.attrs["n_edges"])
 
 
+def _nodes(lo: Loader) -> pa.Table:
+    cols = _empty("circuit_nodes")
+    with lo.reading():
+        g = lo.r.circuits_graph()
+        if g is None:
+            return table(_BY_NAME["circuit_nodes"], lo.d_model, cols)
+        up_name, down_name = ([_str(x) for x in g[fl.name][()]] for fl in (CG.UP_NAME, CG.DOWN_NAME))
+        out = np.bincount(g[CG.EDGE_UP.name][()], minlength=len(up_name))
+        into = np.bincount(g[CG.EDGE_DOWN.name][()], minlength=len(down_name))
+        heads = (g[CG.UP_HEAD.name][()], g[CG.DOWN_HEAD.name][()])
+        layers, kinds = (g[CG.UP_LAYER.name][()], g[CG.DOWN_LAYER.name][()]), g[CG.DOWN_KIND.name][()]
+    for side, names, n, layer, head in (("upstream", up_name, out, layers[0], heads[0]),
+                                        ("downstream", down_name, into, layers[1], heads[1])):
+        cols["node"] += names
+        cols["side"] += [side] * len(names)
+        cols["layer"] += layer.tolist()
+        cols["head"] += [int(h) if h >= 0 else None for h in head]
+        cols["input_kind"] += [INPUT_KINDS[k] for k in kinds] if side == "downstream" else [None] * len(names)
+        cols["n_edges"] += n.tolist()
+    return table(_BY_NAME["circuit_nodes"], lo.d_model, cols)
+
+
 def _scores(lo: Loader) -> pa.Table:
     parts, n_edges = [], _n_edges(lo)
     for kind, i, f in _shards(lo):
@@ -294,7 +326,7 @@ def _validation(lo: Loader) -> pa.Table:
 
 
 KIND = register(ViewKind("circuits", VIEWS, light={
-    "circuit_pairs": _pairs, "circuit_graph": _graph, "circuit_scores": _scores,
+    "circuit_pairs": _pairs, "circuit_graph": _graph, "circuit_nodes": _nodes, "circuit_scores": _scores,
     "circuit_faithfulness": lambda lo: _curves(lo, summary=False),
     "circuit_summary": lambda lo: _curves(lo, summary=True),
     "circuit_exact": _exact, "circuit_validation": _validation}))

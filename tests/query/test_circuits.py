@@ -86,6 +86,18 @@ def test_graph_view_is_the_graph_file(wh: Warehouse, raw: Raw) -> None:
     assert df.filter(pl.col("input_kind") == "logits").height == len(raw.up_name)  # every sender feeds the logits
 
 
+def test_nodes_view_is_the_graph_file(wh: Warehouse, raw: Raw) -> None:
+    df = wh.sql("SELECT * FROM circuit_nodes")
+    up, down = df.filter(pl.col("side") == "upstream"), df.filter(pl.col("side") == "downstream")
+    assert up["node"].to_list() == raw.up_name and down["node"].to_list() == raw.down_name
+    assert up["n_edges"].to_list() == [int((raw.up == u).sum()) for u in range(len(raw.up_name))]
+    assert down["n_edges"].to_list() == [int((raw.down == d).sum()) for d in range(len(raw.down_name))]
+    assert down["input_kind"].to_list() == [INPUT_KINDS[k] for k in raw.down_kind]
+    assert up["input_kind"].null_count() == up.height and up["layer"].to_list() == raw.up_layer.tolist()
+    assert down["head"].to_list() == [int(h) if h >= 0 else None for h in raw.down_head]
+    assert up["n_edges"].sum() == down["n_edges"].sum() == raw.E
+
+
 def test_edges_view_is_every_stored_score(wh: Warehouse, raw: Raw) -> None:
     df = wh.sql("SELECT pair_kind, clean_prompt, method, metric, edge, score FROM circuit_edges")
     assert df.height == len(raw.pairs) * len(METHODS) * len(METRICS) * raw.E
@@ -169,7 +181,7 @@ def test_exact_and_validation_views(wh: Warehouse, raw: Raw) -> None:
 
 def test_views_are_empty_without_circuits(wh_path) -> None:
     with Warehouse(wh_path) as w:
-        for v in ("circuit_pairs", "circuit_graph", "circuit_scores", "circuit_edges", "circuit_faithfulness",
+        for v in ("circuit_pairs", "circuit_graph", "circuit_nodes", "circuit_scores", "circuit_edges", "circuit_faithfulness",
                   "circuit_summary", "circuit_exact", "circuit_validation"):
             assert w.sql(f"SELECT count(*) AS n FROM {v}")["n"][0] == 0, v
         for name in ("circuit_top_edges", "circuit_paths", "circuit_agreement", "circuit_faithfulness_curve"):
