@@ -16,11 +16,12 @@ from extract.circuits.graph import graph_of
 from extract.circuits.pairs import template_pairs, word_pairs
 from extract.circuits.scores import score_pairs
 from extract.circuits.shard import to_shard, write_graph, write_shard
-from extract.config import ExtractConfig
 from extract.families import Adapter
-from extract.models import load_model
 from extract.prompts import build_prompts
 from extract.run import extract
+
+from extract.config import ExtractConfig
+from extract.models import load_model
 from store.reader import load_manifest
 from store.warehouse import WarehouseWriter
 
