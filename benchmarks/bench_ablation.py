@@ -1,9 +1,9 @@
-"""The zero-ablation grid of extract.ablation on the embedded model: vs the naive loop and the FLOP bound.
+"""The zero-ablation grid of extract.stages.ablation.metrics on the embedded model: vs the naive loop and the FLOP bound.
 
 For a few prompts (default: 4 words x the "repeat" template) and every layer and unit (9 heads,
 the attention block and the MLP block of SmolLM2-135M), in one process:
 
-- ours: ``extract.ablation.run_ablation`` into a temporary warehouse (numbers + shards), for
+- ours: ``extract.stages.ablation.stage`` (every group of the plan, shards written) into a temporary warehouse (numbers + shards), for
   all-position and for last-position ablation;
 - naive: one hooked full HF forward per (prompt, layer, unit), all-position logits as common
   tooling returns them, plus the same summary numbers. Its cost does not depend on the layer or
@@ -31,9 +31,13 @@ from pathlib import Path
 
 import torch
 
-from extract.ablation import run_ablation, shared_prefix, summarise
-from extract.models import Adapter, load_model
-from extract.prompts import Prompt, build_prompts
+from extract.config import ExtractConfig
+from extract.models.loading import Adapter, load_model
+from extract.stages.ablation.grid import GridSpec, shared_prefix
+from extract.stages.ablation.metrics import summarise
+from extract.stages.ablation.stage import AblationStage, ablate_group
+from extract.stages.base import Loaded, PlanInput, write_shard
+from extract.stages.prompts import Prompt, build_prompts
 from store.warehouse import WarehouseWriter
 
 TEMPLATE = "repeat the following word: {word}"
@@ -103,11 +107,15 @@ def _sync(dev: torch.device) -> None:
 def ours(ad: Adapter, prompts: list[Prompt], positions: str) -> float:
     with tempfile.TemporaryDirectory() as d:
         w = WarehouseWriter(Path(d))
-        (Path(d) / "ablation").mkdir()
         targets = {p.index: p.candidates[0][1] for p in prompts}
+        cfg = ExtractConfig(out=Path(d), ablation=("zero",), ablate_positions=positions, top_k=10, progress=False)
+        model = Loaded(cfg, ad, None, prompts, "bench")
+        stage = AblationStage()
         t0 = time.perf_counter()
-        run_ablation(ad, prompts, targets, w, modes=("zero",), positions=positions, layers=None,
-                     top_k=10, fingerprint="bench", progress=False)
+        spec = GridSpec(cfg.ablation, positions, tuple(range(ad.arch.n_layers)))
+        for job in stage.plan(PlanInput(cfg, prompts, ad.arch, 32, w.done)):
+            for shard in ablate_group(model, job, spec, None, targets, None, lambda n: None):
+                write_shard(w, shard)
         return time.perf_counter() - t0
 
 

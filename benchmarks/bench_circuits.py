@@ -1,4 +1,4 @@
-"""The circuits engine (extract.circuits) on one pair: vs one hooked HF forward(+backward) per step.
+"""The circuits engine (extract.stages.circuits) on one pair: vs one hooked HF forward(+backward) per step.
 
 For one word pair (``--word`` and its partner under the first template, raw prompts), in one process:
 
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from extract.circuits.faithfulness import SIZES, evaluate_pair, select
-from extract.circuits.graph import graph_of
-from extract.circuits.pairs import word_pairs
-from extract.circuits.scores import METHODS, METRICS, score_pairs
-from extract.models import Adapter, load_model, resolve_model
-from extract.prompts import build_prompts
+from extract.models.families import Adapter
+from extract.models.loading import load_model, resolve_model
+from extract.stages.circuits.faithfulness import SIZES, evaluate_pair, select
+from extract.stages.circuits.graph import graph_of
+from extract.stages.circuits.pairs import word_pairs
+from extract.stages.circuits.scores import METHODS, METRICS, score_pairs
+from extract.stages.prompts import build_prompts
 from tests.extract import hooked_circuits as hc
 
 WORDS = ("cat", "dog", "house", "tree", "water", "music", "bread", "ocean")

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from extract.config import ExtractConfig
-from extract.run import batches, extract, prepare
-from extract.sizing import sizes
+from extract.models.sizing import sizes
+from extract.pipeline.run import extract, load
+from extract.stages.capture.stage import batches
 
 TEMPLATES_10 = tuple(
     f"{verb} the following word: {{word}}"
@@ -34,7 +35,8 @@ TEMPLATES_10 = tuple(
 
 def time_ratio(repeats: int = 2) -> dict[str, float]:
     cfg = ExtractConfig(ablation=(), progress=False)
-    adapter, tok, ident, words, prompts = prepare(cfg)
+    loaded = load(cfg)
+    adapter, prompts = loaded.adapter, loaded.prompts
     groups = batches(prompts, cfg.batch_size or sizes(adapter).extract_batch)
     model = adapter.model
     best_bare = float("inf")

@@ -1,10 +1,10 @@
-"""The patching grid of extract.patching on the embedded model: vs hooked forwards and the FLOP bound.
+"""The patching grid of extract.stages.patching.metrics on the embedded model: vs hooked forwards and the FLOP bound.
 
 For one word pair ("cat" under the first two default templates, both directions by default) and
-every patch of extract.patching_grid.plan (residual per boundary and position, attention and MLP
+every patch of extract.stages.patching.grid.plan (residual per boundary and position, attention and MLP
 blocks per layer and position, heads at all positions and per position), in one process:
 
-- ours: ``extract.patching_grid.run_patches`` (the batched grid; the two clean records and the
+- ours: ``extract.stages.patching.grid.run_patches`` (the batched grid; the two clean records and the
   attribution backward are timed apart);
 - naive: one hooked full HF forward per patch (what common tooling does), the source's
   activations captured once per hook point (one source forward per distinct point, shared by
@@ -29,10 +29,10 @@ import time
 
 import torch
 
-from extract.models import Adapter, load_model
-from extract.patching_grid import Patch, plan, record, run_patches
-from extract.patching_pairs import align, build_pairs
-from extract.prompts import build_prompts
+from extract.models.loading import Adapter, load_model
+from extract.stages.patching.grid import Patch, plan, record, run_patches
+from extract.stages.patching.pairs import align, build_pairs
+from extract.stages.prompts import build_prompts
 from store.schema import PatchKind as K
 
 TEMPLATES = ("repeat the following word: {word}", "echo the following word: {word}")

@@ -29,9 +29,9 @@ import ray
 import torch
 
 from extract.config import DEFAULT_MODEL, ExtractConfig
-from extract.distributed import RayConfig, extract_ray
-from extract.prompts import default_words
-from extract.run import extract
+from extract.executors.ray_pool import RayConfig, RayExecutor
+from extract.pipeline.run import extract
+from extract.stages.prompts import default_words
 from query import Warehouse
 from query.export import export_parquet
 
@@ -50,8 +50,8 @@ def time_runs(args, root: Path) -> dict[str, float]:
     out["local_s"] = time.perf_counter() - t
     for n in (1, 2):
         t = time.perf_counter()
-        extract_ray(study(args, root / f"ray{n}"), RayConfig(workers=n, cpus_per_worker=args.threads),
-                    log=lambda m: None)
+        extract(study(args, root / f"ray{n}"), RayExecutor(RayConfig(workers=n, cpus_per_worker=args.threads)),
+                log=lambda m: None)
         out[f"ray{n}_s"] = time.perf_counter() - t
     return out
 

@@ -1,10 +1,10 @@
 """The study at the real model's size: extraction + the zero-ablation grid on Qwen2.5 shapes.
 
 For each shape (default: Qwen2.5-0.5B-Instruct and Qwen2.5-1.5B-Instruct, exact published
-configs, seeded random weights from ``extract.scale``, the real Qwen tokenizer and chat
+configs, seeded random weights from ``extract.models.scale``, the real Qwen tokenizer and chat
 template), in a child process of its own (so peak RSS is that shape's):
 
-- the pipeline: ``extract.run.extract`` on a few prompts (``--words`` x the "repeat" template)
+- the pipeline: ``extract.pipeline.run.extract`` on a few prompts (``--words`` x the "repeat" template)
   with the zero grid on ``--layers`` (default: the last 2, or ``all``) into a temporary warehouse;
   prints per-prompt extraction and ablation time, peak RSS (and peak GPU memory on cuda),
   warehouse bytes per prompt (prompt shards + ablation shards; the grid's part scaled to all
@@ -18,7 +18,7 @@ template), in a child process of its own (so peak RSS is that shape's):
   ``--naive-units`` pairs per prompt and scaled to the measured grid.
 
 ``--device cuda --dtype bfloat16`` runs the same on a GPU (batch and chunk sizes come from the
-device: ``extract.sizing``). On a CPU, float32 (the tool's default; its throughput is measured in
+device: ``extract.models.sizing``). On a CPU, float32 (the tool's default; its throughput is measured in
 float32 too).
 
 Usage: python benchmarks/bench_scale.py [--models qwen2.5-1.5b-instruct] [--words cat,dog]
@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ablation import grid_flops, matmul_gflops, naive  # noqa: E402
 
 from extract.config import DEFAULT_TEMPLATES, ExtractConfig  # noqa: E402
-from extract.models import Adapter, cache_root, load_model  # noqa: E402
-from extract.prompts import build_prompts, default_words  # noqa: E402
-from extract.run import extract  # noqa: E402
-from extract.scale import SCALE_MODELS, build_scale_model  # noqa: E402
-from extract.sizing import sizes  # noqa: E402
+from extract.models.loading import Adapter, cache_root, load_model  # noqa: E402
+from extract.models.scale import SCALE_MODELS, build_scale_model  # noqa: E402
+from extract.models.sizing import sizes  # noqa: E402
+from extract.pipeline.run import extract  # noqa: E402
+from extract.stages.prompts import build_prompts, default_words  # noqa: E402
 
 TEMPLATE = DEFAULT_TEMPLATES[0]
 STUDY_PROMPTS = 88

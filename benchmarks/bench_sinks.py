@@ -5,7 +5,7 @@
    alternating per batch, best of ``--repeats`` per batch. The denominator leaves out the
    shard writes and the greedy continuation, so this ratio bounds the whole extraction's.
 1. extraction overhead (``--full``): `extract` (no ablation) on the default 44 words x 2 templates with the
-   sink captures (extract.sinks: norms from projection hooks, residual top values and medians,
+   sink captures (extract.stages.capture.sinks: norms from projection hooks, residual top values and medians,
    lens at position 0) against the same run with them switched off in this process, runs
    interleaved, best of ``--repeats``. Target: at most 1.10x (issue 10).
 2. ablation: the grid time of ``--ablation zero,sink,sink_norenorm`` against ``zero`` alone on
@@ -23,10 +23,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import extract.capture as capture_mod
-import extract.run as run_mod
+import extract.stages.capture.engine as capture_mod
+import extract.stages.capture.stage as run_mod
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 
 
 @contextmanager
@@ -68,12 +68,14 @@ def compute_overhead(repeats: int) -> dict:
 
     import torch
 
-    from extract.capture import capture, derive
-    from extract.run import batches, prepare
-    from extract.sizing import sizes
+    from extract.models.sizing import sizes
+    from extract.pipeline.run import load
+    from extract.stages.capture.engine import capture, derive
+    from extract.stages.capture.stage import batches
 
     cfg = ExtractConfig(ablation=(), progress=False)
-    adapter, _, _, _, prompts = prepare(cfg)
+    loaded = load(cfg)
+    adapter, prompts = loaded.adapter, loaded.prompts
     t = {"off": 0.0, "on": 0.0}
     for b in batches(prompts, cfg.batch_size or sizes(adapter).extract_batch):  # the extraction's own batches
         ids = torch.tensor([p.input_ids for p in b])
@@ -101,8 +103,8 @@ def compute_overhead(repeats: int) -> dict:
 def ablation_cost(layers: tuple[int, ...]) -> dict:
     z = _extract_s(ablation=("zero",), ablate_layers=layers)
     s = _extract_s(ablation=("zero", "sink", "sink_norenorm"), ablate_layers=layers)
-    return {"layers": list(layers), "grid_s_zero": z["ablation_grid_s"], "grid_s_zero_sink_norenorm": s["ablation_grid_s"],
-            "ratio": s["ablation_grid_s"] / z["ablation_grid_s"]}
+    return {"layers": list(layers), "grid_s_zero": z["ablation_s"], "grid_s_zero_sink_norenorm": s["ablation_s"],
+            "ratio": s["ablation_s"] / z["ablation_s"]}
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
-"""The batched task-vector interventions (extract.taskvec) against one hooked forward per intervention.
+"""The batched task-vector interventions (extract.stages.taskvec) against one hooked forward per intervention.
 
 On the embedded SmolLM2, the first ``--vocab`` default words (even indices train, odd held out):
 the train vectors are built once (not timed here: the naive way needs them too), then
 
-- ours: ``extract.taskvec.run_rows`` over ``--words`` held-out words and every row of
+- ours: ``extract.stages.taskvec.run_rows`` over ``--words`` held-out words and every row of
   ``plan_interventions`` and ``plan_aie`` at the boundaries/blocks ``b % --every == 0`` (the
   engine's clean spines and its validation forward against the plain model included);
 - naive: one hooked full HF forward per (row, word) (``logits_to_keep=1``, as a hook-based tool
@@ -24,9 +24,10 @@ import time
 
 import torch
 
-from extract.models import Adapter, load_model
-from extract.prompts import default_words
-from extract.taskvec import (
+from extract.models.families import Adapter
+from extract.models.loading import load_model
+from extract.stages.prompts import default_words
+from extract.stages.taskvec import (
     build_set,
     build_vectors,
     edit_for,
@@ -35,7 +36,7 @@ from extract.taskvec import (
     plan_interventions,
     run_rows,
 )
-from extract.taskvec.interventions import Row
+from extract.stages.taskvec.interventions import Row
 from store.taskvec_schema import Method, Where
 
 

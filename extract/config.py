@@ -24,66 +24,101 @@ def choices(lit: Any) -> list[str]:
     return list(get_args(lit))
 
 
+def field_docs(cls: type | None = None) -> dict[str, str]:
+    """Each field's docstring (the string under it in the class body), whitespace collapsed: the
+    one place a setting is documented (``echowh extract --help`` shows it)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls or ExtractConfig)).body[0].body  # type: ignore[attr-defined]
+    out = {}
+    for a, b in zip(body, body[1:], strict=False):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            out[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+    return out
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, in one line that names the config fields involved in
+    backquotes (`ablate_layers`, also listed in ``fields``); the CLI shows each as its flag."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """One extraction run. Fields marked (fingerprint) must match to resume a warehouse."""
 
     out: Path = Path("out/warehouse")
-    """Warehouse directory to create (or continue, with ``resume``)."""
+    """Warehouse directory to write (or continue, with resume)."""
     model: str = DEFAULT_MODEL
-    """(fingerprint) Hub id, local folder, or the alias ``smollm2-135m-instruct`` (embedded)."""
+    """(fingerprint) Hub id (e.g. Qwen/Qwen2.5-1.5B-Instruct), a local model folder, or the embedded
+    aliases smollm2-135m-instruct and gemma3-270m (converted once into $ECHOWH_CACHE; gemma3-270m
+    is a base model and defaults to raw few-shot prompts)."""
     dtype: Dtype = "float32"
-    """(fingerprint) Dtype the model is loaded and run in."""
+    """(fingerprint) Dtype to load and run the model in."""
     device: DeviceChoice = "auto"
-    """Where to run: ``auto`` picks cuda when available."""
+    """Where the model runs: auto picks cuda when torch sees a GPU, else cpu."""
     words: tuple[str, ...] | None = None
-    """(fingerprint) The words; None means the 44 shipped default words."""
+    """(fingerprint) The words (on the command line a word file: one word per line, # comments
+    allowed). Default (None): the 44 shipped common words."""
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    """(fingerprint) Prompt templates, each containing ``{word}``."""
+    """(fingerprint) Prompt templates, each containing {word}; several may be given. Default:
+    repeat the following word: {word} | echo the following word: {word}"""
     chat_template: bool = True
-    """(fingerprint) Wrap each prompt in the tokenizer's chat template as a user turn."""
+    """(fingerprint) Wrap each prompt in the tokenizer's chat template as a user turn (off: feed the
+    raw prompt)."""
     chat_template_file: Path | None = None
-    """(fingerprint) A Jinja chat template overriding the tokenizer's own."""
+    """(fingerprint) Jinja chat template file overriding the tokenizer's."""
     system_prompt: str | None = None
-    """(fingerprint) A system prompt; None keeps the chat template's default one."""
+    """(fingerprint) System prompt (default: the chat template's own default)."""
     prepend_bos: bool = False
-    """(fingerprint) Put a BOS token at position 0 (the tokenizer's, or <|endoftext|>)."""
+    """(fingerprint) Put a BOS token at position 0 (<|endoftext|> for Qwen)."""
     max_new_tokens: int = 5
-    """(fingerprint) Length of the greedy continuation stored per prompt."""
+    """(fingerprint) Greedy continuation length stored per prompt."""
     top_k: int = 10
-    """(fingerprint) Tokens kept per layer by the logit lens (and per ablation)."""
+    """(fingerprint) Tokens kept per layer by the logit lens and per ablation."""
     store_dtype: StoreDtype = "float32"
-    """(fingerprint) Dtype activations are stored in; float16 falls back per dataset on overflow."""
+    """(fingerprint) Dtype activations are stored in (float16 keeps float32 where values overflow)."""
     head_out_all_positions: bool = False
-    """(fingerprint) Also store per-head outputs at every position (L x T x H x D per prompt)."""
+    """(fingerprint) Also store per-head outputs at every position (large: L x T x H x D per prompt)."""
     batch_size: int | None = None
-    """Prompts of equal length run together (no padding, so batching is exact); None sizes it
-    from the device (32 on a CPU, see extract.sizing)."""
+    """Prompts of equal length run together (no padding: exact). Default: from the device (32 on a
+    CPU; on a GPU from its memory and the model's shape; extract.models.sizing)."""
     resume: bool = False
-    """Continue a warehouse made with the same fingerprint, skipping finished prompts."""
+    """Continue a warehouse made with the same model and prompt set, skipping finished prompts (a
+    killed run loses nothing it had finished)."""
     allow_env_change: bool = False
-    """Let ``resume`` continue in another environment (device, dtype, torch or transformers
-    version than the run that made the warehouse); every run's environment is recorded."""
+    """With resume: continue even if the device, dtype, torch or transformers version differs from
+    the run that made the warehouse (refused otherwise; every run's environment is recorded in the
+    manifest)."""
     ablation: tuple[AblationModeName, ...] = ("zero", "sink", "sink_norenorm")
-    """(fingerprint) Ablation modes to run after extraction; empty for none."""
+    """(fingerprint) Ablation modes after extraction, or none: zero, mean (a unit's output replaced
+    by 0 or its mean), sink (each head's attention to position 0 removed, weights renormalised over
+    the other keys; unit H: every head of the layer), sink_norenorm (the same without
+    renormalising: position 0's value contribution removed)."""
     ablate_positions: AblationPositions = "all"
-    """(fingerprint) Remove a unit's output at every position, or at the last one only."""
+    """(fingerprint) Remove a unit's output (a head, or a whole attention or MLP block) at every
+    position, or only at the last one (reuses the clean keys and values: faster)."""
     ablate_layers: tuple[int, ...] | None = None
-    """(fingerprint) Layers whose heads and blocks are ablated; None = all layers."""
+    """(fingerprint) Blocks to ablate, 0-based. Default (None): all."""
     patching: bool = False
-    """(fingerprint) Run the activation-patching grid between template pairs (extract.patching)."""
+    """(fingerprint) Run the activation-patching grid after extraction: for each word and template
+    pair, patch every residual (boundary, position), attention/MLP block output, and head (all
+    positions and per position) from one prompt into the other, both directions, exact and
+    attribution (stored under patching/). Off by default: see README 'Activation patching'."""
     patch_pairs: tuple[tuple[int, int], ...] | None = None
-    """(fingerprint) Template pairs (a, b) to patch, both directions; None = the first two."""
+    """(fingerprint) Template pairs to patch, 0-based; both directions run for each. Default: 0:1
+    (the first two templates). Implies nothing without patching."""
     progress: bool = True
     """Show progress bars on stderr."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form notes recorded in the manifest."""
+    """Free-form notes recorded in the manifest (the CLI records its command line)."""
 
     def __post_init__(self) -> None:
-        from extract.prompts import check_chat_options
-
-        check_chat_options(chat=self.chat_template, system_prompt=self.system_prompt,
-                           chat_template_file=self.chat_template_file)
+        validate(self)
 
     def fingerprint_parts(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """What must match between a warehouse and a run that resumes it."""
@@ -108,3 +143,65 @@ class ExtractConfig:
         return {k: (str(v) if isinstance(v, Path) else
                     [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v)
                 for k, v in d.items()}
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Every check a config can have without the model: ConfigError naming the field."""
+    if cfg.chat_template is False:
+        given = [f for f in ("system_prompt", "chat_template_file") if getattr(cfg, f) is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(f'`{g}`' for g in given)} only apply with the chat template, "
+                              "which `chat_template`=False switches off; drop one of them", *given, "chat_template")
+    check_templates(cfg.templates)
+    bad = [m for m in cfg.ablation if m not in choices(AblationModeName)]
+    if bad:
+        raise ConfigError(f"`ablation`: unknown mode(s) {', '.join(bad)}; choose from "
+                          f"{', '.join(choices(AblationModeName))}", "ablation")
+    if cfg.ablate_positions not in choices(AblationPositions):
+        raise ConfigError(f"`ablate_positions` must be all or last, not {cfg.ablate_positions!r}",
+                          "ablate_positions")
+    if cfg.ablate_layers is not None and not cfg.ablate_layers:
+        raise ConfigError("`ablate_layers` (none) is empty: give layers, or None for all", "ablate_layers")
+    if cfg.patching:
+        check_pairs(cfg.patch_pairs, len(cfg.templates))
+
+
+def check_templates(templates: tuple[str, ...]) -> None:
+    """At least one template, each with ``{word}`` once, all distinct."""
+    if not templates:
+        raise ConfigError("at least one template is needed (`templates` is empty)", "templates")
+    for t in templates:
+        if t.count("{word}") != 1:
+            raise ConfigError(f"template {t!r} must contain {{word}} exactly once", "templates")
+    if len(set(templates)) != len(templates):
+        raise ConfigError("templates must be distinct", "templates")
+
+
+def check_pairs(pairs: tuple[tuple[int, int], ...] | None, n_templates: int) -> None:
+    """Template pairs to patch: distinct existing templates, each pair once (either order)."""
+    if pairs is None:
+        if n_templates < 2:
+            raise ConfigError("patching needs at least two templates (`templates` twice)", "templates")
+        return
+    seen: list[tuple[int, int]] = []
+    for a, b in pairs:
+        if a == b:
+            raise ConfigError(f"`patch_pairs`: {a}:{b} pairs a template with itself", "patch_pairs")
+        bad = [x for x in (a, b) if not 0 <= x < n_templates]
+        if bad:
+            raise ConfigError(f"`patch_pairs`: template {bad[0]} does not exist (templates 0-{n_templates - 1})",
+                              "patch_pairs")
+        if (a, b) in seen or (b, a) in seen:
+            raise ConfigError(f"`patch_pairs`: {a}:{b} is given twice (each pair runs both directions)",
+                              "patch_pairs")
+        seen.append((a, b))
+
+
+def check_model_fit(cfg: ExtractConfig, n_layers: int) -> None:
+    """The checks that need the model's shape: ablate_layers inside its layers."""
+    if cfg.ablate_layers is None:
+        return
+    bad = [x for x in cfg.ablate_layers if not 0 <= x < n_layers]
+    if bad:
+        raise ConfigError(f"`ablate_layers` {','.join(map(str, bad))} is outside this model's "
+                          f"layers 0-{n_layers - 1}", "ablate_layers")

@@ -1,5 +1,5 @@
 """The circuits part of the warehouse schema (issue 17; the numbers are defined in the circuits
-spec, extract.circuits' module docstrings summarise it).
+spec, extract.stages.circuits' module docstrings summarise it).
 
 Layout::
 

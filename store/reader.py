@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from store.checks import FIELDS, Expect, Kind, check_dataset, check_names, shard_dims, text
+from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE
 from store.errors import WarehouseError, first_line
 from store.layout import FINISHED, expected_files, manifest_problems, shard_files
 from store.schema import (
@@ -236,7 +237,8 @@ class WarehouseReader:
             f.kind, f.checked, f.root, f.names = kind, set(), self.root, set()
             f.names = set(h5py.File.keys(f))
             # model.h5's own sizes are the expectation: only its fingerprint is checked here
-            f.expect = Expect(self.manifest.get("fingerprint"), {}) if kind == "model" else self.expect()
+            f.expect = (Expect(self.manifest.get("fingerprint"), {}) if kind == "model"
+                        else Expect(None, {}) if kind == "circuits_graph" else self.expect())
             f.dims, problems = shard_dims(kind, f.attrs, index, f.expect, strict=False)
             problems += check_names(kind, f.names, f.expect, strict=False)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -274,8 +276,9 @@ class WarehouseReader:
         path = self.root / subdir / prompt_shard_name(index)
         if not path.exists():
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
-        kind: Kind = ("ablation" if subdir == ABLATION_DIR
-                      else "patching" if subdir.split("/")[0] == PATCHING_DIR else "prompt")
+        top = subdir.split("/")[0]
+        kind: Kind = ("ablation" if subdir == ABLATION_DIR else "patching" if top == PATCHING_DIR
+                      else "circuits" if top == CIRCUITS_DIR else "prompt")
         return self._open(path, kind, index)
 
     def taskvec_indices(self, subset: str) -> list[int]:
@@ -297,6 +300,11 @@ class WarehouseReader:
         if not path.exists():
             raise WarehouseError(f"{path}: no such task-vector file; extract with --task-vectors")
         return self._open(path, kind, index)
+
+    def circuits_graph(self) -> h5py.File | None:
+        """``circuits/graph.h5`` (the edge graph of circuit shards), or None when not extracted."""
+        path = self.root / CIRCUITS_DIR / GRAPH_FILE
+        return self._open(path, "circuits_graph") if path.exists() else None
 
     def model_file(self) -> h5py.File:
         path = self.root / MODEL_FILE

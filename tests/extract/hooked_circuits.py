@@ -1,6 +1,6 @@
 """The independent reference of the circuits engine: an unmodified HF forward with hooks on the
 real HF modules, and autograd, written from the spec (/work/specs/circuits.md), not from
-extract.circuits.
+extract.stages.circuits.
 
 One hooked forward gives every downstream input its own value: forward hooks on q_proj / k_proj
 / v_proj (or phi3's qkv_proj) replace their output by the projection, head by head, of

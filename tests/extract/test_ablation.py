@@ -1,4 +1,4 @@
-"""extract.ablation == the naive one-unit-at-a-time hooked HF forward (invariant 6).
+"""extract.stages.ablation.metrics == the naive one-unit-at-a-time hooked HF forward (invariant 6).
 
 On the tiny Qwen2 (GQA 6:1, q/k/v biases) and Llama (o_proj bias) models, zero and mean
 ablation, all positions and last position; ablating nothing reproduces the clean logits; the
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from extract import ablation as abl
-from extract.models import Adapter, load_model
-from extract.prompts import Prompt, build_prompts
+from extract.config import ExtractConfig
+from extract.models.loading import Adapter, load_model
+from extract.stages.ablation import metrics as abl
+from extract.stages.ablation.stage import AblationStage, ablate_group
+from extract.stages.base import Loaded, PlanInput, write_shard
+from extract.stages.prompts import Prompt, build_prompts
 from store.schema import ABLATION_DIR, A, prompt_shard_name
 from store.warehouse import WarehouseWriter
 from tests.extract.hooked import hf_logits, one_unit
@@ -155,20 +158,27 @@ def test_shared_prefix_stops_at_the_word(setup):
     assert abl.shared_prefix(g[:1]) == g[0].n_tokens - 1  # one prompt: all but the last position
 
 
-def test_run_ablation_writes_shards(setup, tmp_path):
+def test_ablation_stage_writes_shards(setup, tmp_path):
     adapter, prompts = setup
     L = adapter.arch.n_layers
     U = adapter.arch.n_heads + 2
     w = WarehouseWriter(tmp_path)
-    (tmp_path / ABLATION_DIR).mkdir()
     targets = {p.index: int(p.candidates[0][1]) for p in prompts}
     layers = (0, L - 1)
-    kw = dict(modes=("zero", "mean"), positions="all", layers=layers, top_k=5, fingerprint="fp",
-              progress=False)
+    cfg = ExtractConfig(out=tmp_path, templates=TEMPLATES, ablation=("zero", "mean"), ablate_positions="all",
+                        ablate_layers=layers, top_k=5, progress=False)
+    model = Loaded(cfg, adapter, None, prompts[:2], "fp")
+    stage = AblationStage()
+    plan = PlanInput(cfg, prompts[:2], adapter.arch, 32, w.done)
+    jobs = stage.plan(plan)
+    assert sorted(i for j in jobs for i in j.todo) == [0, 1]
     reference = {p.index: _hf_logits(adapter, p).numpy() for p in prompts[:2]}  # the model's own
-    t = abl.run_ablation(adapter, prompts[:2], targets, w, reference=reference.__getitem__, **kw)
-    assert t["prompts"] == 2
-    assert abl.run_ablation(adapter, prompts[:2], targets, w, **kw)["prompts"] == 0  # resumable
+    spec = abl.GridSpec(cfg.ablation, "all", layers)
+    for job in jobs:
+        for shard in ablate_group(model, job, spec, stage.means(model), targets, reference.__getitem__,
+                                  lambda n: None):
+            write_shard(w, shard)
+    assert stage.plan(plan) == []  # resumable: every shard is on disk
     with h5py.File(tmp_path / ABLATION_DIR / prompt_shard_name(0)) as f:
         for fld in (A.TARGET_LOGIT, A.TARGET_PROB, A.TARGET_RANK, A.LOGIT_DIFF, A.TOP1_ID, A.TOP1_PROB, A.KL):
             assert f[fld.name].shape == (2, len(layers), U), fld.name

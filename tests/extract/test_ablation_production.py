@@ -1,4 +1,4 @@
-"""The ablated paths of extract.ablation against independent one-unit hooked HF forwards at
+"""The ablated paths of extract.stages.ablation.metrics against independent one-unit hooked HF forwards at
 production group sizes (issue 8, item 6).
 
 44 prompts of one template (the shipped default word list; other tests cover several
@@ -36,10 +36,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extract import ablation as abl
-from extract import ablation_grid, sizing
-from extract.models import Adapter, load_model
-from extract.prompts import build_prompts, default_words
+from extract.models import sizing
+from extract.models.loading import Adapter, load_model
+from extract.stages.ablation import grid as ablation_grid
+from extract.stages.ablation import metrics as abl
+from extract.stages.prompts import build_prompts, default_words
 from store.schema import TOLERANCE
 from tests.extract.hooked import hf_logits, one_unit
 

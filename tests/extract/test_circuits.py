@@ -1,4 +1,4 @@
-"""extract.circuits == the spec computed independently (tests/extract/hooked_circuits.py: an
+"""extract.stages.circuits == the spec computed independently (tests/extract/hooked_circuits.py: an
 unmodified HF forward with hooks on the real modules, autograd, one forward per step, group and
 circuit), on a tiny random model of EVERY family in float64 (tolerance 1e-6 relative to
 max(1, max |reference|)) and on the embedded SmolLM2 in float32 (1e-4, slow).
@@ -15,13 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from extract.circuits.faithfulness import evaluate_circuits, node_means, select, spearman, trapezoid
-from extract.circuits.graph import Graph, InputKind, graph_of
-from extract.circuits.pairs import CircuitPair, template_pairs, word_pairs
-from extract.circuits.scores import score_pairs
-from extract.circuits.shard import to_shard, write_graph, write_shard
-from extract.families import Adapter, ModelError
-from extract.prompts import Prompt
+from extract.models.families import Adapter, ModelError
+from extract.stages.circuits.faithfulness import (
+    evaluate_circuits,
+    node_means,
+    select,
+    spearman,
+    trapezoid,
+)
+from extract.stages.circuits.graph import Graph, InputKind, graph_of
+from extract.stages.circuits.pairs import CircuitPair, template_pairs, word_pairs
+from extract.stages.circuits.scores import score_pairs
+from extract.stages.circuits.shard import to_shard, write_graph, write_shard
+from extract.stages.prompts import Prompt
 from store.circuits_schema import CG, CI, INPUT_KINDS, METHODS, METRICS, SIZES
 from store.warehouse import WarehouseWriter
 from tests.conftest import _family_config, _spread_weights
@@ -238,8 +244,8 @@ def test_shard_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_scores_and_circuits_against_hooked_reference(smollm2_dir):
-    from extract.models import load_model
-    from extract.prompts import build_prompts
+    from extract.models.loading import load_model
+    from extract.stages.prompts import build_prompts
 
     model, tok, _ = load_model(str(smollm2_dir), device="cpu", progress=False)
     ad = Adapter(model)

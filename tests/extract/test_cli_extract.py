@@ -247,9 +247,9 @@ def test_resume_recomputes_only_missing_shards_bit_for_bit(tiny_qwen2_dir, tmp_p
 
 def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch):
     """A tolerance no float computation meets: the run says so loudly and exits 1."""
-    import extract.run
+    import store.schema
 
-    monkeypatch.setitem(extract.run.TOLERANCE, "float32", 0.0)
+    monkeypatch.setitem(store.schema.TOLERANCE, "float32", 0.0)
     out = tmp_path / "w"
     r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out))
     assert r.exit_code == 1
@@ -261,10 +261,10 @@ def test_failing_invariant_exits_non_zero(tiny_qwen2_dir, tmp_path, monkeypatch)
 def test_ablation_engine_drift_fails_the_run(tiny_qwen2_dir, tmp_path, monkeypatch):
     """Every run checks the ablation engine against the model (removing nothing == the model's
     logits): a bug in the engine's forward is caught on real data, not only by the tests."""
-    import extract.ablation_grid
+    import extract.stages.ablation.grid
 
-    real = extract.ablation_grid._logits
-    monkeypatch.setattr(extract.ablation_grid, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
+    real = extract.stages.ablation.grid._logits
+    monkeypatch.setattr(extract.stages.ablation.grid, "_logits", lambda ad, h: real(ad, h) + 0.01)  # a subtle bug
     out = tmp_path / "w"
     r = _run("--model", str(tiny_qwen2_dir), "--words", _words(tmp_path, "cat\n"), "--out", str(out),
              "--ablation", "zero", "--ablate-layers", "0")
@@ -345,15 +345,15 @@ def test_resume_refused_when_weights_change_in_place(tiny_qwen2_dir, tmp_path):
 
 
 def test_resume_in_another_environment_is_refused_unless_allowed(tiny_qwen2_dir, tmp_path, monkeypatch):
-    import extract.run
+    import extract.pipeline.manifest
 
     out, words = tmp_path / "w", _words(tmp_path, "cat\n")
     args = ("--model", str(tiny_qwen2_dir), "--words", words, "--out", str(out))
     r = _run(*args)
     assert r.exit_code == 0, r.output
     (out / "prompts" / "p00001.h5").unlink()  # something left to do
-    real = extract.run.library_versions
-    monkeypatch.setattr(extract.run, "library_versions", lambda: {**real(), "torch": "9.9.9"})
+    real = extract.pipeline.manifest.library_versions
+    monkeypatch.setattr(extract.pipeline.manifest, "library_versions", lambda: {**real(), "torch": "9.9.9"})
     r = _run(*args, "--resume")
     assert r.exit_code == 1
     torch_now = real()["torch"]

@@ -27,18 +27,20 @@ import numpy as np
 import pytest
 import torch
 
-from extract.ablation import grid_groups
 from extract.config import ExtractConfig
-from extract.run import batches, extract
+from extract.pipeline.run import extract, load, stages_for
+from extract.stages.ablation.grid import grid_groups
+from extract.stages.base import Job
+from extract.stages.capture.stage import batches
 from store.ledger import Ledger, sha256_file
 from store.schema import ABLATION_DIR, LEDGER_NAME, PROMPTS_DIR, prompt_shard_name
 from store.verify import verify
-from store.warehouse import WarehouseReader, WarehouseWriter
+from store.warehouse import WarehouseWriter
 from tests.store.guards import ledger_untouched
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra; scripts/setup.sh installs it")
 
-from extract.distributed import RayConfig, RayError, Worker, extract_ray  # noqa: E402
+from extract.executors.ray_pool import RayConfig, RayError, RayExecutor, Worker  # noqa: E402
 
 WORDS = ("cat", "dog", "extraordinarily", "blue")  # x 2 templates = 8 prompts, 4+ batches of 2
 
@@ -58,6 +60,10 @@ def _cfg(model: Path, out: Path, **kw) -> ExtractConfig:
     base = dict(out=out, model=str(model), words=WORDS, ablation=("zero", "mean"), ablate_layers=(0, 2),
                 batch_size=2, progress=False, device="cpu")
     return ExtractConfig(**{**base, **kw})
+
+
+def extract_ray(cfg: ExtractConfig, rc: RayConfig, log=print, on_result=None):
+    return extract(cfg, RayExecutor(rc, on_result=on_result), log=log)
 
 
 def _local(cfg: ExtractConfig):
@@ -91,7 +97,9 @@ def _contents(path: Path) -> dict[str, object]:
 def assert_same_shards(a: Path, b: Path) -> int:
     """The two warehouses hold the same shards with bit-identical contents; returns the count."""
     n = 0
-    for sub in (PROMPTS_DIR, ABLATION_DIR):
+    folders = sorted({p.parent.relative_to(a).as_posix() for p in a.rglob("*.h5")} - {"."})
+    assert folders == sorted({p.parent.relative_to(b).as_posix() for p in b.rglob("*.h5")} - {"."})
+    for sub in folders:
         names_a = sorted(p.name for p in (a / sub).glob("*.h5"))
         names_b = sorted(p.name for p in (b / sub).glob("*.h5"))
         assert names_a == names_b, sub
@@ -219,7 +227,8 @@ def test_the_actor_seals_and_only_the_driver_records_and_renames(cluster, local_
     fp = json.loads((out / "manifest.json").read_text())["fingerprint"]
     threads = torch.get_num_threads()
     try:
-        worker = Worker(_cfg(tiny_qwen2_dir, out), fp, 1)  # sets this process's torch threads to 1
+        cfg = _cfg(tiny_qwen2_dir, out)
+        worker = Worker(lambda: load(cfg, fp), 1, stages_for(cfg))  # sets this process's torch threads to 1
         batch = [p.index for p in batches(worker.prompts, 2)[0]]
         group = [p.index for p in grid_groups(worker.prompts)[0]]
         lost = [f"{PROMPTS_DIR}/{prompt_shard_name(i)}" for i in batch]
@@ -228,7 +237,7 @@ def test_the_actor_seals_and_only_the_driver_records_and_renames(cluster, local_
         # killed after the actor sealed, before the driver published: partials, no entries
         _remove(out, lost)
         with ledger_untouched(out):
-            r = worker.extract_batch(batch)
+            r = worker.run(Job("extract", tuple(batch), tuple(batch), len(batch)))
         assert sorted(rel for rel, _ in r["staged"]) == sorted(lost) and r["written"] == sorted(batch)
         for rel, digest in r["staged"]:
             assert not (out / rel).exists() and sha256_file(out / f"{rel}.partial") == digest
@@ -244,12 +253,10 @@ def test_the_actor_seals_and_only_the_driver_records_and_renames(cluster, local_
         _remove(out, lost + lost_abl)
         driver = WarehouseWriter(out)
         with ledger_untouched(out):
-            r = worker.extract_batch(batch)
+            r = worker.run(Job("extract", tuple(batch), tuple(batch), len(batch)))
         assert sorted(driver.publish(r["staged"])) == sorted(lost)
-        with WarehouseReader(out) as stored:
-            targets = {i: int(a["target_id"]) for i, a in stored.iter_prompts()}
         with ledger_untouched(out):
-            r = worker.ablate_group(group, targets)
+            r = worker.run(Job("ablation", tuple(group), tuple(group), len(group)))
         assert sorted(rel for rel, _ in r["staged"]) == sorted(lost_abl) and r["written"] == sorted(group)
         assert sorted(driver.publish(r["staged"])) == sorted(lost_abl)
     finally:
@@ -298,3 +305,45 @@ def test_unreachable_cluster_is_one_line_before_any_work(tiny_qwen2_dir, tmp_pat
     with pytest.raises(RayError, match=r"give auto, HOST:PORT or ray://HOST:PORT"):
         extract_ray(_cfg(tiny_qwen2_dir, tmp_path / "w"), RayConfig(address="nowhere"))
     assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def local_patching(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local_patching") / "w"
+    assert not _local(_cfg(tiny_qwen2_dir, out, ablation=("zero",), patching=True)).failed
+    return out
+
+
+def test_patching_on_ray_with_a_killed_actor_equals_local_and_resumes_across(cluster, local_patching,
+                                                                            tiny_qwen2_dir, tmp_path):
+    """--patching --ray: the same shards as the local run, bit for bit, with an actor killed while
+    it patches; then a run stopped part-way in every stage is finished by the other executor."""
+    out = tmp_path / "ray"
+    killed: dict[str, object] = {}
+
+    def kill_while_patching(r: dict) -> None:
+        if r["phase"] == "patching" and not killed:  # this actor now works on the next pair
+            killed.update(pid=r["pid"], actor=r["actor_id"])
+            os.kill(r["pid"], signal.SIGKILL)
+
+    cfg = _cfg(tiny_qwen2_dir, out, ablation=("zero",), patching=True)
+    summary = extract_ray(cfg, RayConfig(workers=2), log=lambda m: None, on_result=kill_while_patching)
+    assert killed and not summary.failed
+    assert assert_same_shards(local_patching, out) == 8 + 8 + 4  # prompts, ablation, 4 words x pair 0-1
+    m = json.loads((out / "manifest.json").read_text())
+    pairs = [r for r in m["placement"] if r["phase"] == "patching"]
+    assert sorted(i for r in pairs for i in r["written"]) == [0, 1, 2, 3]  # each pair published once
+    assert any(r["actor_id"] == killed["actor"] and r["pid"] != killed["pid"] for r in m["placement"])
+    assert_ledger_exact(out)
+    for first, then in (("ray", "local"), ("local", "ray")):
+        w = tmp_path / f"{first}_then_{then}"
+        shutil.copytree(local_patching if first == "local" else out, w)
+        stopped = [p for sub in (PROMPTS_DIR, ABLATION_DIR, "patching/0-1")
+                   for p in sorted((w / sub).glob("*.h5"))[2:]]
+        _remove(w, [p.relative_to(w).as_posix() for p in stopped])
+        c = _cfg(tiny_qwen2_dir, w, ablation=("zero",), patching=True, resume=True)
+        s = _local(c) if then == "local" else extract_ray(c, RayConfig(workers=2), log=lambda m: None)
+        assert (s.n_extracted, s.n_skipped) == (6, 2) and not s.failed
+        assert s.timings["patching_pairs"] == 2 and s.timings["ablation_prompts"] == 6
+        assert assert_same_shards(local_patching, w) == 20
+        assert_ledger_exact(w)

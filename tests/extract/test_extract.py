@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from store import F, M, Role, WarehouseReader
 
 WORDS = ("cat", "dog", "extraordinarily")
@@ -330,7 +330,7 @@ def test_chat_template_file_is_used_as_given(tiny_qwen2_dir, tmp_path):
             log=lambda m: None)
     with WarehouseReader(out) as r:
         assert r.prompt_attrs(0)["text"] == "<think><|im_start|>repeat the following word: cat<|im_end|>"
-        from extract.prompts import sha
+        from extract.stages.prompts import sha
 
         assert r.manifest["tokenizer"]["chat_template_sha"] == sha(tpl.read_text())
 
@@ -339,8 +339,8 @@ def test_greedy_continuation_without_a_cache_gives_the_same_tokens(tiny_run):
     """Models that hand back no KV cache are continued with full forwards: same tokens."""
     import dataclasses
 
-    from extract.capture import capture, greedy_continue
-    from extract.models import Adapter, load_model
+    from extract.models.loading import Adapter, load_model
+    from extract.stages.capture.engine import capture, greedy_continue
 
     model_dir, out, _ = tiny_run
     model, _, _ = load_model(str(model_dir), progress=False)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from extract import ablation as abl
-from extract.capture import capture, derive
-from extract.models import Adapter, ModelError, check_supported, load_model
-from extract.prompts import build_prompts
+from extract.models.loading import Adapter, ModelError, check_supported, load_model
+from extract.stages.ablation import metrics as abl
+from extract.stages.capture.engine import capture, derive
+from extract.stages.prompts import build_prompts
 from tests.conftest import WINDOW
 from tests.extract.test_ablation import TEMPLATES, WORDS, _close, _grid, _hf_logits, _one_unit
 
@@ -224,7 +224,7 @@ def test_length_dependent_rope_refuses_prompts_past_the_original_context(tiny_fa
 
 def _real_gemma3() -> Path:
     """The real Gemma 3 270M as the embedded alias converts it (another module ships the alias)."""
-    from extract.models import cache_root
+    from extract.models.loading import cache_root
 
     folder = cache_root() / "gemma3-270m"
     if not (folder / "config.json").exists():

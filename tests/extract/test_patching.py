@@ -1,4 +1,4 @@
-"""extract.patching == one-patch-at-a-time hooked HF forwards; attribution == finite differences.
+"""extract.stages.patching.metrics == one-patch-at-a-time hooked HF forwards; attribution == finite differences.
 
 The reference is written from the Hugging Face forward only (hooks on the decoder layers, the
 final norm, o_proj and the attention/MLP outputs), never from the engine: the source run's
@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from extract.models import Adapter, load_model
-from extract.patching import ld_tokens, patch_direction, run_patching
-from extract.patching_grid import Patch, attribute, plan, record, run_patches
-from extract.patching_pairs import UNPATCHABLE, Pair, align, build_pairs, parse_pairs
-from extract.prompts import Prompt, PromptError, build_prompts
+from extract.config import ConfigError, ExtractConfig
+from extract.models.loading import Adapter, load_model
+from extract.stages.base import Loaded, PlanInput, write_shard
+from extract.stages.patching.grid import Patch, attribute, plan, record, run_patches
+from extract.stages.patching.metrics import ld_tokens, patch_direction
+from extract.stages.patching.pairs import UNPATCHABLE, Pair, align, build_pairs, parse_pairs
+from extract.stages.patching.stage import PatchingStage, pair_shard
+from extract.stages.prompts import Prompt, build_prompts
 from store.schema import PATCHING_DIR, PT, prompt_shard_name
 from store.schema import PatchKind as K
 from store.warehouse import WarehouseWriter
@@ -147,9 +150,9 @@ def test_parse_pairs():
     assert parse_pairs(None, 2) == ((0, 1),)
     assert parse_pairs("0:1,0:2", 3) == ((0, 1), (0, 2))
     for bad in ("0:0", "0:3", "x", "0:1,1:0"):
-        with pytest.raises(PromptError):
+        with pytest.raises(ConfigError, match="^`patch_pairs`: "):
             parse_pairs(bad, 3)
-    with pytest.raises(PromptError):
+    with pytest.raises(ConfigError, match="needs at least two templates"):
         parse_pairs(None, 1)
 
 
@@ -197,13 +200,13 @@ def test_invariants_nothing_and_embeddings(setup):
         assert _err(res["checks"][K.NOTHING], ref_d) <= TOL
         m = res["metrics"]
         i_all = kinds.index(K.RESID_ALL)
-        assert abs(float(m[PT.RECOVERY.name][i_all]) - 1) < 1e-3
-        assert float(m[PT.KL_SOURCE.name][i_all]) < 1e-6
-        assert abs(float(m[PT.RECOVERY.name][kinds.index(K.NOTHING)])) < 1e-3
+        assert abs(float(m[PT.RECOVERY][i_all]) - 1) < 1e-3
+        assert float(m[PT.KL_SOURCE][i_all]) < 1e-6
+        assert abs(float(m[PT.RECOVERY][kinds.index(K.NOTHING)])) < 1e-3
         # the residual at the last position and boundary L is the source's final residual
         i_last = next(i for i, p in enumerate(res["patches"])
                       if p.kind == K.RESID and p.layer == ad.arch.n_layers and p.dst == (d.n_tokens - 1,))
-        assert abs(float(m[PT.RECOVERY.name][i_last]) - 1) < 1e-3 and float(m[PT.KL_SOURCE.name][i_last]) < 1e-6
+        assert abs(float(m[PT.RECOVERY][i_last]) - 1) < 1e-3 and float(m[PT.KL_SOURCE][i_last]) < 1e-6
 
 
 def test_metrics_against_numpy(setup):
@@ -228,11 +231,11 @@ def test_metrics_against_numpy(setup):
     m = res["metrics"]
     ld = lg[:, t0] - lg[:, t1]
     rec = (ld - (ldd[t0] - ldd[t1])) / ((ls[t0] - ls[t1]) - (ldd[t0] - ldd[t1]))
-    np.testing.assert_allclose(m[PT.RECOVERY.name].numpy(), rec, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m[PT.RECOVERY].numpy(), rec, rtol=1e-4, atol=1e-4)
     kl = (np.exp(logp(ls)) * (logp(ls) - logp(lg))).sum(-1)
-    np.testing.assert_allclose(m[PT.KL_SOURCE.name].numpy(), np.maximum(kl, 0), atol=1e-5)
-    np.testing.assert_allclose(m[PT.TARGET_PROB.name].numpy(), np.exp(logp(lg))[:, tgt], atol=1e-6)
-    assert (m[PT.TOP1_ID.name].numpy() == lg.argmax(-1)).all()
+    np.testing.assert_allclose(m[PT.KL_SOURCE].numpy(), np.maximum(kl, 0), atol=1e-5)
+    np.testing.assert_allclose(m[PT.TARGET_PROB].numpy(), np.exp(logp(lg))[:, tgt], atol=1e-6)
+    assert (m[PT.TOP1_ID].numpy() == lg.argmax(-1)).all()
 
 
 # -- attribution ------------------------------------------------------------------------------
@@ -285,18 +288,26 @@ def test_attribution_equals_finite_difference(tiny_qwen2_dir):
 # -- shards -------------------------------------------------------------------------------------
 
 
-def test_run_patching_writes_shards_and_resumes(setup, tmp_path):
+def test_patching_stage_writes_shards_and_resumes(setup, tmp_path):
     ad, prompts = setup
     if ad.arch.model_type != "llama":
         pytest.skip("shards are family-independent: written once (the engine is checked on both families)")
     w = WarehouseWriter.create(tmp_path / "w", {"fingerprint": "x", "fingerprint_parts": {}}, resume=False)
     targets = {p.index: p.candidates[0][1] for p in prompts}
-    refs = {p.index: ad.model(torch.tensor([p.input_ids])).logits[0, -1].float().detach().numpy()
+    refs = {p.index: ad.model(torch.tensor([p.input_ids])).logits[0, -1].float().detach()
             for p in prompts}
-    pairs = build_pairs(prompts, parse_pairs("0:1,0:2", 3))
-    out = run_patching(ad, pairs, targets, w, fingerprint="x", reference=refs.__getitem__, tolerance=TOL,
-                       progress=False)
-    assert out["pairs"] == 4
+    cfg = ExtractConfig(out=tmp_path / "w", templates=TEMPLATES, ablation=(), patching=True,
+                        patch_pairs=parse_pairs("0:1,0:2", 3), progress=False)
+    model = Loaded(cfg, ad, None, prompts, "x")
+    stage = PatchingStage()
+    plan = PlanInput(cfg, prompts, ad.arch, 32, w.done)
+    jobs = stage.plan(plan)
+    assert len(jobs) == 4
+    pairs = stage.pairs(cfg, prompts)
+    rope = ad.rope(max(max(p.a.n_tokens, p.b.n_tokens) for p in pairs))
+    for job in jobs:
+        (pr,) = [p for p in pairs if (p.a.index, p.b.index) == job.members]
+        write_shard(w, pair_shard(model, pr, targets, refs, rope, lambda n: None))
     pr: Pair = pairs[0]
     path = tmp_path / "w" / PATCHING_DIR / pr.name / prompt_shard_name(pr.a.index)
     with h5py.File(path, "r") as f:
@@ -305,8 +316,7 @@ def test_run_patching_writes_shards_and_resumes(setup, tmp_path):
         assert set(f[PT.DIRECTION.name][()]) == {0, 1}
         assert f.attrs["shared_prefix"] == align(pr.b, pr.a).shared_prefix
         mtime = path.stat().st_mtime_ns
-    assert run_patching(ad, pairs, targets, w, fingerprint="x", reference=refs.__getitem__,
-                        tolerance=TOL, progress=False) == {"pairs": 0}
+    assert stage.plan(plan) == []  # resumable: a pair with its shard is not rerun
     assert path.stat().st_mtime_ns == mtime
     # pair 0:2 with lengths that differ: the source check is recorded as not applicable
     p2 = pairs[2]

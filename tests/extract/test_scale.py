@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract import scale, sizing
-from extract.models import Adapter, ModelError
+from extract.models import scale, sizing
+from extract.models.loading import Adapter, ModelError
 
 # The published values, written out here independently of the shipped JSON files.
 PUBLISHED = {
@@ -136,7 +136,7 @@ def test_qwen25_15b_shape_runs_the_whole_pipeline(qwen15_dir, tmp_path):
     checked at the bfloat16 tolerance; the float32 path is the tiny models' (same code).
     """
     from extract.config import ExtractConfig
-    from extract.run import extract
+    from extract.pipeline.run import extract
     from store.schema import INVARIANTS, TOLERANCE
 
     ident = json.loads((qwen15_dir / "echowh-scale.json").read_text())
@@ -178,8 +178,8 @@ def test_qwen25_15b_shape_runs_the_whole_pipeline(qwen15_dir, tmp_path):
 
     # the second half of invariant 6 at this size: the engine's numbers == one hooked HF forward
     # per unit (a head, the attention block, the MLP block of layer 27), at the bf16 tolerance
-    from extract.models import load_model
-    from extract.prompts import build_prompts
+    from extract.models.loading import load_model
+    from extract.stages.prompts import build_prompts
     from tests.extract.test_ablation import _one_unit
 
     model, tok, _ = load_model(str(qwen15_dir), dtype="bfloat16", device="cpu", progress=False)

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from extract import ablation as abl
-from extract.models import Adapter, load_model
-from extract.prompts import Prompt, build_prompts
+from extract.models.loading import Adapter, load_model
+from extract.stages.ablation import metrics as abl
+from extract.stages.prompts import Prompt, build_prompts
 from tests.extract.test_ablation import TEMPLATES, WORDS, _close, _grid, _hf_logits
 
 

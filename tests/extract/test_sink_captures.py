@@ -1,4 +1,4 @@
-"""The attention-sink captures (extract.sinks) against an independent numpy computation.
+"""The attention-sink captures (extract.stages.capture.sinks) against an independent numpy computation.
 
 From the stored residual (the capture's ``resid``) and the model's weights read as numpy
 arrays, written out here: the attention RMSNorm (w or 1 + w), the q/k/v projections (split
@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.capture import capture, derive
-from extract.models import Adapter, load_model
-from extract.prompts import build_prompts
-from extract.sinks import RESID_TOP_K, add_sink_arrays
+from extract.models.loading import Adapter, load_model
+from extract.stages.capture.engine import capture, derive
+from extract.stages.capture.sinks import RESID_TOP_K, add_sink_arrays
+from extract.stages.prompts import build_prompts
+from store.schema import F
 from tests.extract.test_ablation import TEMPLATES, WORDS
 
 TOL = 1e-4
@@ -44,7 +45,7 @@ def _np(t) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def reference(model, fam_one_plus: bool, resid: np.ndarray, layer: int) -> dict[str, np.ndarray]:
+def reference(model, fam_one_plus: bool, resid: np.ndarray, layer: int) -> dict:
     """(H, T) norms of one layer from the stored residual resid (L+1, T, D) and numpy weights."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -74,8 +75,8 @@ def reference(model, fam_one_plus: bool, resid: np.ndarray, layer: int) -> dict[
     g = _np(lay.post_attention_layernorm.weight) + 1.0 if fam_one_plus else 1.0  # sandwich gain
     out = np.stack([np.linalg.norm(g * (v[:, grp[h]] @ w_o[:, h * hd : (h + 1) * hd].T), axis=-1)
                     for h in range(H)])
-    return {"query_norm": np.linalg.norm(q, axis=-1).T, "key_norm": np.linalg.norm(k[:, grp], axis=-1).T,
-            "value_norm": np.linalg.norm(v[:, grp], axis=-1).T, "value_out_norm": out}
+    return {F.QUERY_NORM: np.linalg.norm(q, axis=-1).T, F.KEY_NORM: np.linalg.norm(k[:, grp], axis=-1).T,
+            F.VALUE_NORM: np.linalg.norm(v[:, grp], axis=-1).T, F.VALUE_OUT_NORM: out}
 
 
 def _derived(adapter: Adapter, prompts, top_k: int = 5):
@@ -87,7 +88,7 @@ def _derived(adapter: Adapter, prompts, top_k: int = 5):
 
 
 def _check_prompt(model, one_plus: bool, arrays: dict, layers) -> None:
-    resid = arrays["resid"].astype(np.float64)  # (L+1, T, D)
+    resid = arrays[F.RESID].astype(np.float64)  # (L+1, T, D)
     for layer in layers:
         ref = reference(model, one_plus, resid, layer)
         for name, r in ref.items():
@@ -95,10 +96,10 @@ def _check_prompt(model, one_plus: bool, arrays: dict, layers) -> None:
     # residual statistics: full sort, numpy medians
     ab = np.abs(resid)
     order = np.argsort(-ab, axis=-1, kind="stable")[..., :RESID_TOP_K]
-    _close(np.abs(arrays["resid_top_values"]), np.take_along_axis(ab, order, -1))
-    _close(arrays["resid_top_values"], np.take_along_axis(resid, arrays["resid_top_dims"], -1))
-    _close(arrays["resid_median_abs"], np.median(ab, axis=-1))
-    _close(arrays["resid_median_abs_all"], np.median(ab.reshape(ab.shape[0], -1), axis=-1))
+    _close(np.abs(arrays[F.RESID_TOP_VALUES]), np.take_along_axis(ab, order, -1))
+    _close(arrays[F.RESID_TOP_VALUES], np.take_along_axis(resid, arrays[F.RESID_TOP_DIMS], -1))
+    _close(arrays[F.RESID_MEDIAN_ABS], np.median(ab, axis=-1))
+    _close(arrays[F.RESID_MEDIAN_ABS_ALL], np.median(ab.reshape(ab.shape[0], -1), axis=-1))
     # logit lens at position 0: final norm, unembedding (and soft-cap) in numpy
     norm = model.model.norm
     x0 = _rms(resid[:, 0], _np(norm.weight), getattr(norm, "variance_epsilon", None) or norm.eps, one_plus)
@@ -106,12 +107,12 @@ def _check_prompt(model, one_plus: bool, arrays: dict, layers) -> None:
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * np.tanh(logits / cap)
-    ids = arrays["lens_first_topk_ids"]
-    _close(arrays["lens_first_topk_logits"], np.take_along_axis(logits, ids.astype(np.int64), -1))
+    ids = arrays[F.LENS_FIRST_TOPK_IDS]
+    _close(arrays[F.LENS_FIRST_TOPK_LOGITS], np.take_along_axis(logits, ids.astype(np.int64), -1))
     kth = np.sort(logits, axis=-1)[:, ::-1][:, : ids.shape[1]]
-    _close(arrays["lens_first_topk_logits"], kth)  # they are the top-k logits
+    _close(arrays[F.LENS_FIRST_TOPK_LOGITS], kth)  # they are the top-k logits
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) + logits.max(-1, keepdims=True)
-    _close(arrays["lens_first_topk_probs"], np.exp(np.take_along_axis(logits, ids.astype(np.int64), -1) - lse))
+    _close(arrays[F.LENS_FIRST_TOPK_PROBS], np.exp(np.take_along_axis(logits, ids.astype(np.int64), -1) - lse))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_sink_captures_tiny(tiny_model_dir):
     adapter = Adapter(model)
     batch = _equal_length(build_prompts(tok, WORDS, TEMPLATES))
     for p, d in zip(batch, _derived(adapter, batch), strict=True):
-        assert d.arrays["value_norm"].shape == (adapter.arch.n_layers, adapter.arch.n_heads, p.n_tokens)
+        assert d.arrays[F.VALUE_NORM].shape == (adapter.arch.n_layers, adapter.arch.n_heads, p.n_tokens)
         _check_prompt(model, False, d.arrays, range(adapter.arch.n_layers))
 
 
@@ -148,7 +149,7 @@ def test_first_position_lens_is_shared_by_first_token(fam):
     d = _derived(adapter, batch)
     assert len({p.input_ids[0] for p in batch}) == 1 and len(batch) > 1
     for x in d[1:]:
-        np.testing.assert_array_equal(x.arrays["lens_first_topk_ids"], d[0].arrays["lens_first_topk_ids"])
+        np.testing.assert_array_equal(x.arrays[F.LENS_FIRST_TOPK_IDS], d[0].arrays[F.LENS_FIRST_TOPK_IDS])
     # and the shared rows equal each prompt's own residual's lens (checked in _check_prompt)
     _check_prompt(adapter.model, adapter.family.one_plus_norm, d[-1].arrays, [])
 
@@ -162,5 +163,5 @@ def test_sink_captures_smollm2(smollm2_dir):
     for x in d:
         _check_prompt(model, False, x.arrays, (0, 1, L // 2, L - 1))
     # the real model's sink: position 0's value contributions are small next to the others'
-    von = d[0].arrays["value_out_norm"]  # (L, H, T)
+    von = d[0].arrays[F.VALUE_OUT_NORM]  # (L, H, T)
     assert np.median(von[L // 2 :, :, 0]) < np.median(von[L // 2 :, :, 1:])

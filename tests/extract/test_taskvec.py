@@ -1,4 +1,4 @@
-"""extract.taskvec against independent computations (specs/taskvec.md).
+"""extract.stages.taskvec against independent computations (specs/taskvec.md).
 
 - every edit kind of the engine (residual set / add / self-patch at the last position, add from
   the verb on, a head's o_proj-input slice) == one hooked HF forward per edit (forward hooks on
@@ -24,9 +24,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from extract.models import Adapter, load_model
-from extract.prompts import choose_target
-from extract.taskvec import (
+from extract.models.families import Adapter
+from extract.models.loading import load_model
+from extract.stages.prompts import choose_target
+from extract.stages.taskvec import (
     build_set,
     build_vectors,
     edit_for,
@@ -35,7 +36,7 @@ from extract.taskvec import (
     run_group,
     run_rows,
 )
-from extract.taskvec.interventions import Row
+from extract.stages.taskvec.interventions import Row
 from store.taskvec_schema import Kind, Method, Where
 
 TOL = 1e-4
@@ -241,7 +242,7 @@ def test_vectors_equal_hooked_forwards(tiny_model_dir):
 
 def test_aie_equals_hooked_head_mean(tiny_model_dir):
     ad, _, ps, vec = _setup(str(tiny_model_dir))
-    from extract.taskvec import aie_table
+    from extract.stages.taskvec import aie_table
 
     a = ad.arch
     L, H, hd = a.n_layers, a.n_heads, a.head_dim
@@ -353,7 +354,7 @@ def test_vectors_are_never_evaluated_on_their_words(tiny_llama_dir):
 
 
 def test_results_are_keyed_by_the_schema_fields(tiny_llama_dir):
-    from extract.taskvec import vector_arrays
+    from extract.stages.taskvec import vector_arrays
     from store.taskvec_schema import TQ, TV
 
     ad, _, ps, vec = _setup(str(tiny_llama_dir))
@@ -381,7 +382,7 @@ def test_results_are_keyed_by_the_schema_fields(tiny_llama_dir):
 
 def test_run_study_end_to_end(tiny_llama_dir):
     """Every phase on the tiny Llama: summaries equal their definitions over the word results."""
-    from extract.taskvec import run_study
+    from extract.stages.taskvec import run_study
 
     ad, tok, _, _ = _setup(str(tiny_llama_dir))
     L, H = ad.arch.n_layers, ad.arch.n_heads

@@ -1,15 +1,16 @@
 """A warehouse with task-vector shards for the query and report tests: a tiny Llama extracted
 (with --patching and the default ablation, so the rank joins have data), then the study run by the
-engine on a few words and written by extract.taskvec.shard (the stage's calls, in its order)."""
+engine on a few words and written by extract.stages.taskvec.shard (the stage's calls, in its order)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from extract.config import ExtractConfig
-from extract.models import Adapter, load_model
-from extract.run import extract
-from extract.taskvec import (
+from extract.models.families import Adapter
+from extract.models.loading import load_model
+from extract.pipeline.run import extract
+from extract.stages.taskvec import (
     aie_table,
     build_set,
     build_vectors,
@@ -18,7 +19,7 @@ from extract.taskvec import (
     plan_interventions,
     run_rows,
 )
-from extract.taskvec.shard import (
+from extract.stages.taskvec.shard import (
     AIE_SET,
     INTERVENTIONS_SET,
     StudyMeta,

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from query import Warehouse
 from store.schema import PATCHING_DIR, PT, prompt_shard_name
 

@@ -20,8 +20,8 @@ import polars as pl
 import pytest
 
 from extract.config import ExtractConfig
-from extract.models import load_model
-from extract.run import extract
+from extract.models.loading import load_model
+from extract.pipeline.run import extract
 from query import Warehouse
 from store import F, WarehouseReader
 

@@ -1,4 +1,4 @@
-"""Task vectors end to end on a tiny Llama: engine -> extract.taskvec.shard -> views -> analyses
+"""Task vectors end to end on a tiny Llama: engine -> extract.stages.taskvec.shard -> views -> analyses
 -> report section (tests/query/taskvec_fixture.py writes the shards the way the stage will).
 
 Views are checked against the raw HDF5 arrays (h5py/numpy); analyses against numpy/Polars
@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from extract.taskvec.interventions import Row
-from extract.taskvec.shard import (
+from extract.stages.taskvec.interventions import Row
+from extract.stages.taskvec.shard import (
     AIE_SET,
     INTERVENTIONS_SET,
     done_words,
@@ -357,9 +357,10 @@ def test_section_absent_without_task_vectors(wh_path):
 
 def test_write_study_gives_the_same_files(wh_dir, tiny_llama_dir, tmp_path):
     """run_study + write_study (one call) == the per-phase sequence of the fixture, array for array."""
-    from extract.models import Adapter, load_model
-    from extract.taskvec import run_study
-    from extract.taskvec.shard import StudyMeta, write_study
+    from extract.models.families import Adapter
+    from extract.models.loading import load_model
+    from extract.stages.taskvec import run_study
+    from extract.stages.taskvec.shard import StudyMeta, write_study
 
     model, tok, _ = load_model(str(tiny_llama_dir), device="cpu", progress=False)
     study = run_study(Adapter(model), tok, list(fx.WORDS), system_prompt=fx.SYSTEM, n_demos=fx.N_DEMOS, ks=fx.KS,

@@ -135,7 +135,7 @@ def test_smollm2_vs_gemma3_270m(tmp_path) -> None:
     """The comparison on the two embedded models (4 words, two late layers ablated each), read
     against each warehouse alone. Runs once the `gemma3-270m` alias (branch gemma-scale) and
     the gemma3 family (branch families) are on main."""
-    from extract.models import EMBEDDED_ALIASES
+    from extract.models.loading import EMBEDDED_ALIASES
 
     if "gemma3-270m" not in EMBEDDED_ALIASES:
         pytest.skip("the gemma3-270m alias is not on this branch yet (gemma-scale)")

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from echowh.cli import main
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from query import Warehouse
 from reports import build, render_html, write_report
 from store import WarehouseReader

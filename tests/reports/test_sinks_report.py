@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from extract.config import ExtractConfig
-from extract.run import extract
+from extract.pipeline.run import extract
 from query import Warehouse
 from reports.report import build, render_html
 from store import F, WarehouseReader
