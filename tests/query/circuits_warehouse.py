@@ -1,7 +1,7 @@
 """A real tiny warehouse with circuit shards, for the circuits views, analyses and report tests.
 
 The tiny random Qwen2 of tests/conftest.py, three single-token words x the two templates,
-extracted with a zero-ablation grid (for the ranking joins); then extract.circuits scores every
+extracted with a zero-ablation grid (for the ranking joins); then extract.stages.circuits scores every
 template pair (both directions) and word pair with EAP-IG in 2 steps, evaluates the circuits
 (patch replacement, 2 top + 2 random exact edges per input kind) and writes the graph and one
 shard per pair into the same warehouse, as the pipeline stage does.
@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extract.circuits.faithfulness import evaluate_circuits
-from extract.circuits.graph import graph_of
-from extract.circuits.pairs import template_pairs, word_pairs
-from extract.circuits.scores import score_pairs
-from extract.circuits.shard import to_shard, write_graph, write_shard
-from extract.families import Adapter
-from extract.prompts import build_prompts
-from extract.run import extract
-
 from extract.config import ExtractConfig
-from extract.models import load_model
+from extract.models.families import Adapter
+from extract.models.loading import load_model
+from extract.pipeline.run import extract
+from extract.stages.circuits.faithfulness import evaluate_circuits
+from extract.stages.circuits.graph import graph_of
+from extract.stages.circuits.pairs import template_pairs, word_pairs
+from extract.stages.circuits.scores import score_pairs
+from extract.stages.circuits.shard import to_shard, write_graph, write_shard
+from extract.stages.prompts import build_prompts
 from store.reader import load_manifest
 from store.warehouse import WarehouseWriter
 
