@@ -1,0 +1,274 @@
+"""The project's circuits engine (extract.circuits) against the independent reference
+(tests/independent/ref_circuits.py, written from /work/specs/circuits.md alone), number by number.
+
+Both sides run the SAME model object: tiny random float64 models of every family the reference
+supports (its self-test configs, tests/independent/test_ref_circuits.py) and, slow, the embedded
+SmolLM2-135M in float32 on pairs of words no other test uses.
+
+Precision: both sides call the model's own norm modules, so ``rc.exact_float64_norms`` (RMSNorms
+in float64) is applied to the shared model and holds for both. ``rc.float64_softmax`` can NOT be
+used for the engine: its attention (extract.ablation_block._softmax) calls
+``torch.softmax(..., dtype=torch.float32)`` directly, which the helper does not swap; so both
+sides keep HF's float32 softmax (the same op on the same inputs).
+
+Tolerances (all relative to the largest reference magnitude of the quantity, ``_rel``):
+- float64 tiny models: 1e-6 (observed ~1e-15). EAP with KL is ~0 at the clean run (its gradient
+  vanishes; reference scale ~1e-16): compared with an ABSOLUTE tolerance of 1e-12.
+- SmolLM2 float32: 1e-4.
+
+Edges are matched by (upstream, downstream) name, never by position: the reference's default
+``edges(cfg)`` order is receiver-major, the engine's edge index is row-major over (upstream,
+downstream) (= the reference's ``edges(cfg, "upstream")``). Circuit selection breaks ties by edge
+index, so the reference's faithfulness curves are computed with ``edge_order="upstream"``, and
+fed the ENGINE's scores (mapped by name): the curve comparison then tests selection, sizes and
+circuit evaluation, not the 1e-15 score noise (which decides the order of EAP-KL's ~1e-16 scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from extract.circuits.faithfulness import PairCircuits, evaluate_circuits, node_means, select
+from extract.circuits.graph import Graph, graph_of
+from extract.circuits.pairs import CircuitPair
+from extract.circuits.scores import PairScores, score_pairs
+from extract.families import Adapter, ModelError
+from extract.prompts import Prompt
+from store.circuits_schema import METHODS, METRICS, SELECTIONS, SIZES
+from tests.independent import ref_circuits as rc
+from tests.independent.test_ref_circuits import CONFIGS, build
+
+TOL64 = 1e-6
+ABS_EAP_KL = 1e-12
+TOL32 = 1e-4
+STEPS = 5  # the spec's default m
+FAMILIES = tuple(CONFIGS)  # llama, qwen2, gemma3_text, qwen3, mistral, phi3, gemma2
+T = 7
+
+
+def _rel(got, ref) -> float:
+    """max |got - ref| / max |ref| (ref all-zero: absolute)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    scale = float(np.abs(ref).max())
+    return float(np.abs(got - ref).max()) / (scale if scale > 0 else 1.0)
+
+
+def _prompt(i: int, ids: list[int], word: str, template: int = 0) -> Prompt:
+    return Prompt(i, word, template, "t", "", tuple(ids), (), (0,) * len(ids), (), 1, 2)
+
+
+def _ids(seed: int, n: int = T) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 64, (n,), generator=g).tolist()
+
+
+def _names(g: Graph) -> list[tuple[str, str]]:
+    """The engine's edges, in its edge-index order, as (upstream, downstream) names."""
+    return [(g.up_names[u], g.down_names[d]) for u, d in zip(g.edge_up, g.edge_down, strict=True)]
+
+
+@dataclass
+class Case:
+    family: str
+    model: torch.nn.Module
+    ad: Adapter
+    g: Graph
+    names: list[tuple[str, str]]
+    clean: torch.Tensor  # (T,)
+    corr: torch.Tensor  # (T,)
+    ps: PairScores
+    ref: dict[tuple[str, str], dict[tuple[str, str], float]]  # (method, metric) -> edge -> score
+    mean_prompts: list[list[int]]  # the "study's clean prompts" of the mean replacement
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request) -> Case:
+    fam = request.param
+    model = build(fam, exact64=True)  # float64, RMSNorms in float64 (both sides call them)
+    clean = _ids(1)
+    corr = list(clean)
+    corr[2], corr[4] = (clean[2] + 7) % 63 + 1, (clean[4] + 11) % 63 + 1
+    ad = Adapter(model)
+    g = graph_of(ad.arch)
+    pair = CircuitPair("word", _prompt(0, clean, "clean"), _prompt(1, corr, "corr"))
+    ps = score_pairs(ad, [pair], steps=STEPS)[0]
+    c, x = torch.tensor(clean), torch.tensor(corr)
+    ref = {(me, mt): rc.edge_scores(model, c, x, mt, me, steps=STEPS) for me in METHODS for mt in METRICS}
+    # mean replacement over prompts of UNEQUAL lengths: token-pooled and prompt-averaged means differ
+    mean_prompts = [clean, _ids(5, T + 3), _ids(6, T - 2)]
+    return Case(fam, model, ad, g, _names(g), c, x, ps, ref, mean_prompts)
+
+
+# -- graph and edge order ---------------------------------------------------------------------
+
+
+def test_same_edges_and_row_major_is_the_references_upstream_order(case):
+    cfg = case.model.config
+    assert case.names == rc.edges(cfg, "upstream")
+    assert set(case.names) == set(rc.edges(cfg)) and len(case.names) == rc.edge_count_formula(cfg)
+    assert case.names != rc.edges(cfg), "the two default orders differ (compare by name, as this file does)"
+
+
+# -- answers, metrics, scores -----------------------------------------------------------------
+
+
+def test_answer_tokens_and_clean_corrupted_metrics(case):
+    toks = rc.answer_tokens(case.model, case.clean, case.corr)
+    assert (case.ps.t_clean, case.ps.t_corr) == toks
+    with torch.no_grad():
+        lc = case.model(input_ids=case.clean[None]).logits[0, -1]
+        lx = case.model(input_ids=case.corr[None]).logits[0, -1]
+    for ki, mt in enumerate(METRICS):
+        mc = float(rc.metric_value(case.model, lc, lc, toks, mt))
+        mx = float(rc.metric_value(case.model, lx, lc, toks, mt))
+        assert abs(case.ps.metric_clean[ki] - mc) <= 1e-12 * max(1, abs(mc)), mt
+        assert _rel(case.ps.metric_corr[ki], mx) <= 1e-12, mt
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_edge_score(case, method, metric):
+    got = case.ps.scores[METHODS.index(method), METRICS.index(metric)]
+    ref = np.array([case.ref[(method, metric)][e] for e in case.names])
+    if method == "eap" and metric == "kl":  # dKL/d(input) = 0 at the clean run: both ~1e-16
+        assert np.abs(ref).max() < 1e-12 and np.abs(got - ref).max() <= ABS_EAP_KL
+        return
+    assert np.abs(ref).max() > 1e-3, "scores must be non-trivial, or this proves nothing"
+    err = _rel(got, ref)
+    print(f"{case.family} {method} {metric}: rel err {err:.1e} (max |ref| {np.abs(ref).max():.3g})")
+    assert err <= TOL64
+
+
+# -- circuits ---------------------------------------------------------------------------------
+
+
+def _replacements(case: Case) -> tuple[str, ...]:
+    # zero replacement: pre-norm families only (both sides agree; under sandwich norms an input
+    # of 0 + rounding is scaled by 1/sqrt(eps): ill-conditioned, see extract/circuits/__init__.py)
+    return ("patch", "mean") if case.ad.family.sandwich else ("patch", "mean", "zero")
+
+
+@pytest.fixture(scope="module")
+def circuits(case) -> PairCircuits:
+    eng_means = node_means(case.ad, [_prompt(i, p, f"w{i}") for i, p in enumerate(case.mean_prompts)])
+    return evaluate_circuits(case.ad, [case.ps], replacements=_replacements(case), means=eng_means,
+                             n_top=2, n_random=1, seed=0)[0]
+
+
+def test_node_means_pool_tokens_like_the_reference(case):
+    eng = node_means(case.ad, [_prompt(i, p, f"w{i}") for i, p in enumerate(case.mean_prompts)])
+    ref = rc.node_means(case.model, [torch.tensor(p) for p in case.mean_prompts])
+    ref_arr = torch.stack([ref[u] for u in case.g.up_names]).numpy()
+    assert _rel(eng.numpy(), ref_arr) <= 1e-12
+
+
+def _curve_combos(case: Case) -> list[tuple[str, str, str, str]]:
+    """(method, metric, selection, replacement): every one for patch; for mean / zero the IG-inputs
+    scores (time: each reference curve is ~14 hooked forwards)."""
+    out = [(me, mt, s, "patch") for me in METHODS for mt in METRICS for s in SELECTIONS]
+    return out + [("eap_ig_inputs", mt, s, r) for r in _replacements(case)[1:] for mt in METRICS for s in SELECTIONS]
+
+
+def _engine_sign(case: Case, ki: int) -> float:
+    """The engine's ``signed`` direction: sign(M(clean) - M(corrupted RUN)), every replacement
+    (extract/circuits/faithfulness.py, evaluate_pair)."""
+    return float(np.sign(case.ps.metric_clean[ki] - case.ps.metric_corr[ki]))
+
+
+def test_faithfulness_curves_cpr_cmd(case, circuits):
+    """Every f(x), CPR, CMD, M_ref and circuit size. ``signed`` under mean / zero: the reference
+    takes sign(M(clean) - M(empty circuit)) (test_signed_direction_under_mean_and_zero, xfail);
+    here it is given the engine's direction (scores negated where the two differ: the selection
+    key is score * sign), so the rest of the curve is still compared."""
+    pc = circuits
+    reps = _replacements(case)
+    ref_means = rc.node_means(case.model, [torch.tensor(p) for p in case.mean_prompts])
+    worst: dict[str, float] = {}
+    for me, mt, sel, rep in _curve_combos(case):
+        mi, ki, si, ri = METHODS.index(me), METRICS.index(mt), SELECTIONS.index(sel), reps.index(rep)
+        flip = 1.0
+        if sel == "signed" and rep != "patch":
+            ref_sign = math.copysign(1.0, pc.metric_clean[ki] - pc.metric_ref[ki, ri])
+            flip = ref_sign * _engine_sign(case, ki)
+        scores = dict(zip(case.names, (flip * case.ps.scores[mi, ki]).tolist(), strict=True))
+        cur = rc.faithfulness_curve(case.model, case.clean, case.corr, scores, mt, sel, rep,
+                                    means=ref_means, edge_order="upstream")
+        assert list(pc.n_edges) == cur["n_edges"] and list(SIZES) == cur["fractions"]
+        assert abs(pc.metric_clean[ki] - cur["m_clean"]) <= 1e-12 * max(1, abs(cur["m_clean"]))
+        # M_ref on the metric's scale (zero replacement on a bias-free read can be ~1e-13: rounding)
+        scale = max(1.0, abs(cur["m_clean"]), abs(cur["m_corr"]))
+        assert abs(pc.metric_ref[ki, ri] - cur["m_corr"]) <= TOL64 * scale, (me, mt, rep)
+        f_eng, f_ref = pc.faithfulness[mi, ki, si, ri], np.array(cur["faithfulness"])
+        for key, got, want in (("f", f_eng, f_ref), ("cpr", pc.cpr[mi, ki, si, ri], cur["cpr"]),
+                               ("cmd", pc.cmd[mi, ki, si, ri], cur["cmd"])):
+            err = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+            worst[key] = max(worst.get(key, 0.0), err)
+            assert err <= TOL64, (me, mt, sel, rep, key, got, want)
+    print(case.family, {k: f"{v:.1e}" for k, v in worst.items()})
+
+
+@pytest.mark.xfail(reason="spec ambiguity, see the cmp report: for `signed` selection under mean/zero "
+                          "replacement the engine takes sign(M(clean) - M(corrupted run)), the reference "
+                          "sign(M(clean) - M(empty circuit)); curves differ whenever the two signs differ",
+                   raises=AssertionError, strict=False)
+def test_signed_direction_under_mean_and_zero(case, circuits):
+    """The raw comparison: both sides' ``signed`` direction for every metric and mean/zero."""
+    pc = circuits
+    reps = _replacements(case)
+    differ = []
+    for ri, rep in enumerate(reps):
+        if rep == "patch":
+            continue
+        for ki, mt in enumerate(METRICS):
+            ref_sign = math.copysign(1.0, pc.metric_clean[ki] - pc.metric_ref[ki, ri])
+            if ref_sign != _engine_sign(case, ki):
+                differ.append((rep, mt, float(pc.metric_clean[ki]), float(case.ps.metric_corr[ki]),
+                               float(pc.metric_ref[ki, ri])))
+    assert not differ, f"(replacement, metric, M(clean), M(corrupted run), M(empty)): {differ}"
+
+
+def test_selection_with_own_scores_agrees(case, circuits):
+    """The reference selecting from ITS scores picks the engine's circuits (except EAP-KL, whose
+    ~1e-16 scores are rounding noise on both sides: order undefined)."""
+    cfg = case.model.config
+    ups = rc.edges(cfg, "upstream")
+    for mi, me in enumerate(METHODS):
+        for ki, mt in enumerate(METRICS):
+            if me == "eap" and mt == "kl":
+                continue
+            sign = math.copysign(1.0, case.ps.metric_clean[ki] - case.ps.metric_corr[ki])
+            for sel in SELECTIONS:
+                for n in sorted(set(int(k) for k in circuits.n_edges if k)):
+                    eng = {case.names[i] for i in select(case.ps.scores[mi, ki], n, sel, sign)}
+                    ref = set(rc.select_edges(ups, case.ref[(me, mt)], n, sel, sign))
+                    assert eng == ref, (me, mt, sel, n)
+
+
+def test_exact_single_edge_effects(case, circuits):
+    pc = circuits
+    assert len(pc.sample_edges) >= 5
+    scale = {mt: max(1.0, abs(float(pc.metric_clean[ki]))) for ki, mt in enumerate(METRICS)}
+    for j, e in enumerate(pc.sample_edges):
+        for ki, mt in enumerate(METRICS):
+            ref = rc.exact_edge_effect(case.model, case.clean, case.corr, case.names[e], mt)
+            assert abs(pc.sample_effect[ki, j] - ref) <= TOL64 * scale[mt], (case.names[e], mt)
+
+
+def test_sandwich_with_o_bias_refused_by_both():
+    cfg = CONFIGS["gemma2"]()
+    cfg.attention_bias = True
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+    clean = _ids(1)
+    corr = [clean[0], (clean[1] + 3) % 63 + 1, *clean[2:]]
+    with pytest.raises(ValueError, match="o_proj bias"):
+        rc.edge_scores(model, torch.tensor(clean), torch.tensor(corr), "ld", "eap", steps=1)
+    with pytest.raises(ModelError, match="o_proj bias"):
+        score_pairs(Adapter(model), [CircuitPair("word", _prompt(0, clean, "a"), _prompt(1, corr, "b"))])
