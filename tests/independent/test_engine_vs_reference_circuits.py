@@ -272,3 +272,113 @@ def test_sandwich_with_o_bias_refused_by_both():
         rc.edge_scores(model, torch.tensor(clean), torch.tensor(corr), "ld", "eap", steps=1)
     with pytest.raises(ModelError, match="o_proj bias"):
         score_pairs(Adapter(model), [CircuitPair("word", _prompt(0, clean, "a"), _prompt(1, corr, "b"))])
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+
+def test_pairs_follow_the_spec_rule():
+    """pairs.build on synthetic prompts (lengths and first word tokens chosen to exercise every
+    clause) against the spec's rule written here (_spec_word_partner, both template directions)."""
+    from extract.circuits import pairs as pairs_mod
+
+    g = torch.Generator().manual_seed(3)
+    prompts, i = [], 0
+    for t in range(2):
+        for w in range(7):
+            n = 5 + int(torch.randint(0, 2, (1,), generator=g))  # two lengths
+            first = 10 + int(torch.randint(0, 3, (1,), generator=g))  # repeated first word tokens
+            ids = [1, first, *torch.randint(20, 60, (n - 2,), generator=g).tolist()]
+            prompts.append(Prompt(i, f"w{w}", t, "t", "", tuple(ids), (), (0,) * n, (), 1, 2))
+            i += 1
+    word = pairs_mod.build("word", prompts)
+    want = [(p.index, q.index) for p in prompts if (q := _spec_word_partner(prompts, p)) is not None]
+    assert [(p.clean.index, p.corrupted.index) for p in word.pairs] == want
+    assert len(word.skipped) == len(prompts) - len(want)
+    tpl = pairs_mod.build("template", prompts)
+    by = {(p.template_index, p.word): p for p in prompts}
+    want_t = [(by[(d, w)].index, by[(1 - d, w)].index, d) for w in dict.fromkeys(p.word for p in prompts)
+              for d in (0, 1) if by[(0, w)].n_tokens == by[(1, w)].n_tokens]
+    assert [(p.clean.index, p.corrupted.index, p.direction) for p in tpl.pairs] == want_t
+    assert want and want_t and tpl.skipped, "the synthetic prompts must exercise every clause"
+
+
+# -- the embedded SmolLM2 (float32, slow) -------------------------------------------------------
+
+SMOL_WORDS = ["violin", "carpet", "meadow", "lantern"]  # used by no other test (grep tests/)
+SMOL_TEMPLATES = ("repeat the following word: {word}", "echo the following word: {word}")
+SMOL_STEPS = 3  # IG steps (time: the reference takes one hooked forward + backward per step)
+
+
+def _spec_word_partner(prompts: list[Prompt], p: Prompt) -> Prompt | None:
+    """The spec's rule, written here: the next word of the list (cyclically) under the same
+    template whose prompt has the same length and whose first word token differs."""
+    same = [q for q in prompts if q.template_index == p.template_index]
+    i = [q.word for q in same].index(p.word)
+    for step in range(1, len(same)):
+        q = same[(i + step) % len(same)]
+        if q.n_tokens == p.n_tokens and q.input_ids[q.word_start] != p.input_ids[p.word_start]:
+            return q
+    return None
+
+
+@pytest.mark.slow
+def test_smollm2_engine_vs_reference(smollm2_dir):
+    from extract.circuits import pairs as pairs_mod
+    from extract.models import load_model
+    from extract.prompts import build_prompts
+
+    model, tok, _ = load_model(str(smollm2_dir), device="cpu", progress=False)
+    ad = Adapter(model)
+    g = graph_of(ad.arch)
+    names = _names(g)
+    assert len(names) == 70651 and names == rc.edges(model.config, "upstream")
+    prompts = build_prompts(tok, SMOL_WORDS, SMOL_TEMPLATES, chat=False)
+    word = pairs_mod.build("word", prompts)
+    assert [(p.clean.index, p.corrupted.index) for p in word.pairs] == [
+        (p.index, _spec_word_partner(prompts, p).index) for p in prompts]
+    tpl = pairs_mod.build("template", prompts)
+    assert [(p.clean.template_index, p.corrupted.template_index, p.clean.word) for p in tpl.pairs] == [
+        (d, 1 - d, w) for w in SMOL_WORDS for d in (0, 1)]
+    chosen = [word.pairs[0], tpl.pairs[4]]  # violin -> its partner; meadow, repeat clean / echo corrupted
+    methods = ("eap", "eap_ig_inputs")
+    scores = score_pairs(ad, chosen, steps=SMOL_STEPS, methods=methods, check=False)
+    means = node_means(ad, [p for p in prompts if p.template_index == 0])
+    ref_means = rc.node_means(model, [torch.tensor(p.input_ids) for p in prompts if p.template_index == 0])
+    assert _rel(means.numpy(), torch.stack([ref_means[u] for u in g.up_names]).numpy()) <= TOL32
+    for pair, ps in zip(chosen, scores, strict=True):
+        c, x = torch.tensor(pair.clean.input_ids), torch.tensor(pair.corrupted.input_ids)
+        assert (ps.t_clean, ps.t_corr) == rc.answer_tokens(model, c, x)
+        for mi, me in enumerate(methods):
+            for ki, mt in enumerate(METRICS):
+                r = rc.edge_scores(model, c, x, mt, me, steps=SMOL_STEPS)
+                ref, got = np.array([r[e] for e in names]), ps.scores[mi, ki]
+                err = _rel(got, ref)
+                print(f"smollm2 {pair.kind} {me} {mt}: max|ref| {np.abs(ref).max():.3g} rel err {err:.1e} "
+                      f"abs err {np.abs(got - ref).max():.1e}")
+                if me == "eap" and mt == "kl":  # ~0 at the clean run: float32 rounding only
+                    assert np.abs(got - ref).max() <= 1e-5
+                else:
+                    assert err <= TOL32, (pair.kind, me, mt)
+        _smollm2_circuits(model, ad, g, names, ps, c, x, means, ref_means)
+
+
+def _smollm2_circuits(model, ad, g, names, ps, c, x, means, ref_means) -> None:
+    pc = evaluate_circuits(ad, [ps], replacements=("patch", "mean"), means=means, n_top=1, n_random=0,
+                           row_batch=8)[0]
+    scale = max(1.0, abs(float(pc.metric_clean[0])))
+    for sel, rep in (("abs", "patch"), ("signed", "patch"), ("abs", "mean")):
+        si, ri = SELECTIONS.index(sel), ("patch", "mean").index(rep)
+        sc = dict(zip(names, ps.scores[0, 0].tolist(), strict=True))
+        cur = rc.faithfulness_curve(model, c, x, sc, "ld", sel, rep, means=ref_means, edge_order="upstream")
+        assert list(pc.n_edges) == cur["n_edges"]
+        err = float(np.abs(pc.metric[0, 0, si, ri] - np.array([
+            cur["m_corr"] if i == 0 else cur["m_corr"] + f * (cur["m_clean"] - cur["m_corr"])
+            for i, f in enumerate(cur["faithfulness"])])).max())
+        print(f"smollm2 eap ld {sel} {rep}: M(C) max abs err {err:.1e} (scale {scale:.3g}); "
+              f"cpr {pc.cpr[0, 0, si, ri]:.6f} vs {cur['cpr']:.6f}")
+        assert err <= TOL32 * scale
+        assert abs(pc.cpr[0, 0, si, ri] - cur["cpr"]) <= 1e-3 and abs(pc.cmd[0, 0, si, ri] - cur["cmd"]) <= 1e-3
+    for j in range(0, len(pc.sample_edges), 2):
+        ref = rc.exact_edge_effect(model, c, x, names[pc.sample_edges[j]], "ld")
+        assert abs(pc.sample_effect[0, j] - ref) <= TOL32 * scale, names[pc.sample_edges[j]]
