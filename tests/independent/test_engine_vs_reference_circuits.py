@@ -247,6 +247,11 @@ def test_selection_with_own_scores_agrees(case, circuits):
                     eng = {case.names[i] for i in select(case.ps.scores[mi, ki], n, sel, sign)}
                     ref = set(rc.select_edges(ups, case.ref[(me, mt)], n, sel, sign))
                     assert eng == ref, (me, mt, sel, n)
+                    # the reference's DEFAULT (receiver-major) order breaks exact ties otherwise; the
+                    # exact ties here (score 0: input -> last layer's q / m / logits, whose gradient
+                    # lives at the last position only) share the sender, so both orders agree
+                    dflt = set(rc.select_edges(rc.edges(cfg), case.ref[(me, mt)], n, sel, sign))
+                    assert dflt == ref, (me, mt, sel, n)
 
 
 def test_exact_single_edge_effects(case, circuits):
