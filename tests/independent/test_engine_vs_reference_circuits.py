@@ -1,4 +1,4 @@
-"""The project's circuits engine (extract.circuits) against the independent reference
+"""The project's circuits engine (extract.stages.circuits) against the independent reference
 (tests/independent/ref_circuits.py, written from /work/specs/circuits.md alone), number by number.
 
 Both sides run the SAME model object: tiny random float64 models of every family the reference
@@ -7,7 +7,7 @@ SmolLM2-135M in float32 on pairs of words no other test uses.
 
 Precision: both sides call the model's own norm modules, so ``rc.exact_float64_norms`` (RMSNorms
 in float64) is applied to the shared model and holds for both. ``rc.float64_softmax`` can NOT be
-used for the engine: its attention (extract.ablation_block._softmax) calls
+used for the engine: its attention (extract.stages.ablation.block._softmax) calls
 ``torch.softmax(..., dtype=torch.float32)`` directly, which the helper does not swap; so both
 sides keep HF's float32 softmax (the same op on the same inputs).
 
@@ -33,12 +33,12 @@ import numpy as np
 import pytest
 import torch
 
-from extract.circuits.faithfulness import PairCircuits, evaluate_circuits, node_means, select
-from extract.circuits.graph import Graph, graph_of
-from extract.circuits.pairs import CircuitPair
-from extract.circuits.scores import PairScores, score_pairs
-from extract.families import Adapter, ModelError
-from extract.prompts import Prompt
+from extract.models.families import Adapter, ModelError
+from extract.stages.circuits.faithfulness import PairCircuits, evaluate_circuits, node_means, select
+from extract.stages.circuits.graph import Graph, graph_of
+from extract.stages.circuits.pairs import CircuitPair
+from extract.stages.circuits.scores import PairScores, score_pairs
+from extract.stages.prompts import Prompt
 from store.circuits_schema import METHODS, METRICS, SELECTIONS, SIZES
 from tests.independent import ref_circuits as rc
 from tests.independent.test_ref_circuits import CONFIGS, build
@@ -174,28 +174,17 @@ def _curve_combos(case: Case) -> list[tuple[str, str, str, str]]:
     return out + [("eap_ig_inputs", mt, s, r) for r in _replacements(case)[1:] for mt in METRICS for s in SELECTIONS]
 
 
-def _engine_sign(case: Case, ki: int) -> float:
-    """The engine's ``signed`` direction: sign(M(clean) - M(corrupted RUN)), every replacement
-    (extract/circuits/faithfulness.py, evaluate_pair)."""
-    return float(np.sign(case.ps.metric_clean[ki] - case.ps.metric_corr[ki]))
-
-
 def test_faithfulness_curves_cpr_cmd(case, circuits):
-    """Every f(x), CPR, CMD, M_ref and circuit size. ``signed`` under mean / zero: the reference
-    takes sign(M(clean) - M(empty circuit)) (test_signed_direction_under_mean_and_zero, xfail);
-    here it is given the engine's direction (scores negated where the two differ: the selection
-    key is score * sign), so the rest of the curve is still compared."""
+    """Every f(x), CPR, CMD, M_ref and circuit size, each side choosing its own ``signed``
+    direction (under mean / zero both take sign(M(clean) - M(empty circuit)): the spec's
+    normalising M(corrupted); the engine took the corrupted run's M until this comparison showed it)."""
     pc = circuits
     reps = _replacements(case)
     ref_means = rc.node_means(case.model, [torch.tensor(p) for p in case.mean_prompts])
     worst: dict[str, float] = {}
     for me, mt, sel, rep in _curve_combos(case):
         mi, ki, si, ri = METHODS.index(me), METRICS.index(mt), SELECTIONS.index(sel), reps.index(rep)
-        flip = 1.0
-        if sel == "signed" and rep != "patch":
-            ref_sign = math.copysign(1.0, pc.metric_clean[ki] - pc.metric_ref[ki, ri])
-            flip = ref_sign * _engine_sign(case, ki)
-        scores = dict(zip(case.names, (flip * case.ps.scores[mi, ki]).tolist(), strict=True))
+        scores = dict(zip(case.names, case.ps.scores[mi, ki].tolist(), strict=True))
         cur = rc.faithfulness_curve(case.model, case.clean, case.corr, scores, mt, sel, rep,
                                     means=ref_means, edge_order="upstream")
         assert list(pc.n_edges) == cur["n_edges"] and list(SIZES) == cur["fractions"]
@@ -210,26 +199,6 @@ def test_faithfulness_curves_cpr_cmd(case, circuits):
             worst[key] = max(worst.get(key, 0.0), err)
             assert err <= TOL64, (me, mt, sel, rep, key, got, want)
     print(case.family, {k: f"{v:.1e}" for k, v in worst.items()})
-
-
-@pytest.mark.xfail(reason="spec ambiguity, see the cmp report: for `signed` selection under mean/zero "
-                          "replacement the engine takes sign(M(clean) - M(corrupted run)), the reference "
-                          "sign(M(clean) - M(empty circuit)); curves differ whenever the two signs differ",
-                   raises=AssertionError, strict=False)
-def test_signed_direction_under_mean_and_zero(case, circuits):
-    """The raw comparison: both sides' ``signed`` direction for every metric and mean/zero."""
-    pc = circuits
-    reps = _replacements(case)
-    differ = []
-    for ri, rep in enumerate(reps):
-        if rep == "patch":
-            continue
-        for ki, mt in enumerate(METRICS):
-            ref_sign = math.copysign(1.0, pc.metric_clean[ki] - pc.metric_ref[ki, ri])
-            if ref_sign != _engine_sign(case, ki):
-                differ.append((rep, mt, float(pc.metric_clean[ki]), float(case.ps.metric_corr[ki]),
-                               float(pc.metric_ref[ki, ri])))
-    assert not differ, f"(replacement, metric, M(clean), M(corrupted run), M(empty)): {differ}"
 
 
 def test_selection_with_own_scores_agrees(case, circuits):
@@ -306,7 +275,7 @@ def test_sandwich_with_o_bias_refused_by_both():
 def test_pairs_follow_the_spec_rule():
     """pairs.build on synthetic prompts (lengths and first word tokens chosen to exercise every
     clause) against the spec's rule written here (_spec_word_partner, both template directions)."""
-    from extract.circuits import pairs as pairs_mod
+    from extract.stages.circuits import pairs as pairs_mod
 
     g = torch.Generator().manual_seed(3)
     prompts, i = [], 0
@@ -350,9 +319,9 @@ def _spec_word_partner(prompts: list[Prompt], p: Prompt) -> Prompt | None:
 
 @pytest.mark.slow
 def test_smollm2_engine_vs_reference(smollm2_dir):
-    from extract.circuits import pairs as pairs_mod
-    from extract.models import load_model
-    from extract.prompts import build_prompts
+    from extract.models.loading import load_model
+    from extract.stages.circuits import pairs as pairs_mod
+    from extract.stages.prompts import build_prompts
 
     model, tok, _ = load_model(str(smollm2_dir), device="cpu", progress=False)
     ad = Adapter(model)

@@ -1,4 +1,4 @@
-"""The project's task-vector engine (extract.taskvec) against the independent reference
+"""The project's task-vector engine (extract.stages.taskvec) against the independent reference
 (tests/independent/ref_taskvec.py, written from /work/specs/taskvec.md alone), number by number.
 
 The engine runs its whole study (``run_study``); the reference recomputes every number of the
@@ -35,10 +35,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from extract.families import Adapter
-from extract.prompts import qwen25_chat_template
-from extract.taskvec import StudyResult, run_study
-from extract.taskvec.interventions import Row
+from extract.models.families import Adapter
+from extract.stages.prompts import qwen25_chat_template
+from extract.stages.taskvec import StudyResult, run_study
+from extract.stages.taskvec.interventions import Row
 from store.taskvec_schema import Kind, Method, Where
 from tests.independent import ref_taskvec as ref
 from tests.independent.test_ref_taskvec import _config
@@ -352,7 +352,7 @@ TOL_SMOL = Tol(vec=1e-4, prob=1e-4, tie=1e-4, kl_abs=1e-5)
 def test_smollm2_engine_vs_reference(smollm2_dir):
     """Every number on SmolLM2 (chat), n_demos 2 (3 train words); intervention rows at boundaries
     0, 15 and 29 (time: one hooked forward per row and word), the AIE table in full."""
-    from extract.models import load_model
+    from extract.models.loading import load_model
 
     model, tok, _ = load_model(str(smollm2_dir), device="cpu", progress=False)
     res = run_study(Adapter(model), tok, SMOL_WORDS, chat=True, system_prompt=SYSTEM, n_demos=2)
