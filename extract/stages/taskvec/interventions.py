@@ -155,8 +155,8 @@ def _new_result(ps: PromptSet, word: str, rows: list[Row]) -> WordResult:
 def _metrics(res: WordResult, p: TVPrompt, qs: list[int], logits: torch.Tensor, spine: torch.Tensor) -> None:
     """Fill rows ``qs`` of ``res`` from their logits (n, V) against the clean spine (V,)."""
     _, tid, _ = choose_target(p.prompt, spine)
-    lp = torch.log_softmax(logits, -1)  # (n, V)
-    lp0 = torch.log_softmax(spine, -1)  # (V,)
+    lp = torch.log_softmax(logits.double(), -1)  # (n, V) float64: KL sums V terms (1e-6 noise in float32)
+    lp0 = torch.log_softmax(spine.double(), -1)  # (V,)
     top1 = logits.argmax(-1)  # (n,) first maximal index
     cands = torch.tensor(p.candidate_ids, device=logits.device)
     res.target_prob[qs] = lp[:, tid].exp().cpu().numpy()
@@ -176,7 +176,7 @@ def _clean_ref(p: TVPrompt, clean: torch.Tensor) -> tuple[int, float, int, int, 
     """(target id, prob, rank, top-1 id, echo-correct) of a clean run."""
     _, tid, _ = choose_target(p.prompt, clean)
     top1 = int(clean.argmax())
-    prob = float(torch.softmax(clean, -1)[tid])
+    prob = float(torch.softmax(clean.double(), -1)[tid])
     return tid, prob, int((clean > clean[tid]).sum()), top1, top1 in p.candidate_ids
 
 
