@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: run test setup lint bench patching
+.PHONY: run test test-heavy setup lint bench patching
 
 $(VENV)/.echowh-setup: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -29,6 +29,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The independent references against the engines on the real embedded models (issues 17, 18):
+# about 25 minutes on 2 cores, so not part of `make test`.
+test-heavy: setup
+	$(BIN)/python -m pytest -q -m heavy
 
 # Every benchmark (prints ratios, asserts nothing; bench_ray starts a local Ray cluster); the query and report ones read the main job's warehouse.
 bench: setup

@@ -317,6 +317,7 @@ def _spec_word_partner(prompts: list[Prompt], p: Prompt) -> Prompt | None:
     return None
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_smollm2_engine_vs_reference(smollm2_dir):
     from extract.models.loading import load_model

@@ -348,6 +348,7 @@ SMOL_WORDS = ["walnut", "harbor", "pepper", "saddle", "copper", "ribbon"]  # no 
 TOL_SMOL = Tol(vec=1e-4, prob=1e-4, tie=1e-4, kl_abs=1e-5)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_smollm2_engine_vs_reference(smollm2_dir):
     """Every number on SmolLM2 (chat), n_demos 2 (3 train words); intervention rows at boundaries

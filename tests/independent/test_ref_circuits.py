@@ -498,6 +498,7 @@ def _cached(name: str):
     return root
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_real_model_endpoints_and_node_sums(name, f64):

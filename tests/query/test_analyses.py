@@ -27,7 +27,9 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "sink_heads", "sink_share", "sink_norms", "massive_activations", "sink_ablation",
          # circuits (issue 17; checked against h5py/numpy in test_circuits.py)
          "circuit_top_edges", "circuit_head_inputs", "circuit_paths", "circuit_faithfulness_curve",
-         "circuit_agreement", "circuit_head_rankings"}
+         "circuit_agreement", "circuit_head_rankings",
+         # task vectors (issue 18; checked against h5py/numpy/Polars in test_taskvec_views.py)
+         "taskvec_accuracy_by_layer", "taskvec_top_heads", "taskvec_steering", "taskvec_cosine"}
 
 
 @pytest.fixture()
