@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE
 from store.schema import (
     ABLATION_DIR,
     MODEL_FILE,
@@ -22,6 +23,7 @@ from store.schema import (
     PROMPTS_DIR,
     prompt_shard_name,
 )
+from store.taskvec_schema import AIE_SET, INTERVENTIONS_SET, TASKVEC_DIR, VECTORS_FILE, word_shard_name
 
 SHARD_NAME = re.compile(r"^p(\d{5,})\.h5$")
 # a finished run (all shards written); "running" is a run still writing or killed: resume it
@@ -97,6 +99,28 @@ def expected_files(m: Mapping[str, Any]) -> dict[str, Expected]:
                 if (w, int(a)) in index and (w, int(b)) in index:
                     i = index[(w, int(a))]
                     out[f"{PATCHING_DIR}/{a}-{b}/{prompt_shard_name(i)}"] = Expected("patching", i)
+    out.update(stage_files_expected(m))
+    return out
+
+
+def stage_files_expected(m: Mapping[str, Any]) -> dict[str, Expected]:
+    """Circuits (``circuits.<kind>.pairs`` of the manifest: one shard per pair, the graph once) and
+    the task-vector study (``taskvec.held_out_indices``: an AIE and an interventions shard per
+    held-out word, vectors.h5 once)."""
+    cfg = m.get("config") or {}
+    out: dict[str, Expected] = {}
+    circuits = m.get("circuits") or {}
+    if cfg.get("circuits") and isinstance(circuits, Mapping):
+        out[f"{CIRCUITS_DIR}/{GRAPH_FILE}"] = Expected("circuits_graph", None)
+        for kind in cfg["circuits"]:
+            for clean, *_ in (circuits.get(kind) or {}).get("pairs", []):
+                out[f"{CIRCUITS_DIR}/{kind}/{prompt_shard_name(int(clean))}"] = Expected("circuits", int(clean))
+    tv = m.get("taskvec") or {}
+    if cfg.get("task_vectors") and isinstance(tv, Mapping):
+        out[f"{TASKVEC_DIR}/{VECTORS_FILE}"] = Expected("taskvec_vectors", None)
+        for i in tv.get("held_out_indices", []):
+            for sub in (AIE_SET, INTERVENTIONS_SET):
+                out[f"{TASKVEC_DIR}/{sub}/{word_shard_name(int(i))}"] = Expected(f"taskvec_{sub}", int(i))
     return out
 
 
@@ -111,4 +135,7 @@ def shard_files(root: Path) -> set[str]:
         if folder.is_dir():
             out |= {p.relative_to(root).as_posix() for p in folder.iterdir()
                     if SHARD_NAME.match(p.name) and not p.name.endswith(PARTIAL_SUFFIX)}
+    for top in (root / CIRCUITS_DIR, root / TASKVEC_DIR):  # every file of these stages is a shard
+        if top.is_dir():
+            out |= {p.relative_to(root).as_posix() for p in top.rglob("*.h5")}
     return out
