@@ -23,7 +23,13 @@ from store.schema import (
     PROMPTS_DIR,
     prompt_shard_name,
 )
-from store.taskvec_schema import AIE_SET, INTERVENTIONS_SET, TASKVEC_DIR, VECTORS_FILE, word_shard_name
+from store.taskvec_schema import (
+    AIE_SET,
+    INTERVENTIONS_SET,
+    TASKVEC_DIR,
+    VECTORS_FILE,
+    word_shard_name,
+)
 
 SHARD_NAME = re.compile(r"^p(\d{5,})\.h5$")
 # a finished run (all shards written); "running" is a run still writing or killed: resume it
