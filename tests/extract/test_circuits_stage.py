@@ -62,7 +62,7 @@ def test_shards_graph_verify_and_validation(straight):
         assert len(f[CG.EDGE_UP.name]) == n_edges
     arch = m["model"]
     L, H, KV = arch["n_layers"], arch["n_heads"], arch["n_kv_heads"]
-    assert n_edges == sum((H + 2 * KV) * (1 + l * (H + 1)) + (1 + l * (H + 1) + H) for l in range(L)) \
+    assert n_edges == sum((H + 2 * KV) * (1 + ly * (H + 1)) + (1 + ly * (H + 1) + H) for ly in range(L)) \
         + 1 + L * (H + 1)  # the spec's edge count, written out independently
     assert set(CIRCUIT_INVARIANTS) <= set(m["validation"]), m["validation"].keys()
     assert all(v["passed"] for v in m["validation"].values())
