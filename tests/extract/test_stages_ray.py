@@ -35,8 +35,8 @@ def local_stages(tiny_qwen2_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_circuits_and_taskvec_on_ray_with_a_killed_actor_equal_local(cluster, local_stages, tiny_qwen2_dir,
-                                                                     tmp_path):
+@pytest.mark.usefixtures("cluster")
+def test_circuits_and_taskvec_on_ray_with_a_killed_actor_equal_local(local_stages, tiny_qwen2_dir, tmp_path):
     out = tmp_path / "ray"
     killed: dict[str, object] = {}
 

@@ -28,7 +28,8 @@ from extract.stages.circuits.scores import score_pairs
 from extract.stages.circuits.shard import graph_data, to_shard
 from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE, SELECTIONS, SIZES
 
-PAIR_BATCH = 4  # pairs of equal length per score_pairs batch (rows per forward: 2 x batch x steps)
+PAIR_BATCH = 2  # pairs of equal length per score_pairs batch (rows per forward: 2 x batch x steps);
+# 4 pairs of SmolLM2 took up to 9 GB on a CPU
 GRAPH = -1  # Job.members of the graph file's job
 N_SAMPLE = 5 * 20  # single edges whose exact effect is computed per pair (10 top + 10 random per input kind)
 
