@@ -172,14 +172,14 @@ def _write(wh: Any, out: Path, progress: bool) -> dict[str, int]:
             for v in per_prompt:
                 parts[(v.name, tpl[p])].add(_prompt_rows(s, v, p, heavy.get(v.name), p in ablated, p in have))
         for v in VIEWS:
-            if v.sql:  # derived (one row per prompt): computed by its SQL, split by template
+            if v.sql and partitioned(v):  # derived, per prompt: computed by its SQL, split by template
                 df = wh.sql(f"SELECT * FROM {v.name}")
                 for t in templates:
                     sel = df.filter(pl.col("prompt").is_in([p for p, x in tpl.items() if x == t]))
                     parts[(v.name, t)].add(sel.to_arrow())
-            elif not partitioned(v):
+            elif not partitioned(v):  # light, or derived without a prompt column (circuit_edges): whole
                 whole = _Part(out / v.name / PART_NAME, file_schema(v, d))
-                whole.add(LIGHT[v.name](s))
+                whole.add(wh.sql(f"SELECT * FROM {v.name}").to_arrow() if v.sql else LIGHT[v.name](s))
                 whole.close()
                 parts[(v.name, -1)] = whole
     finally:

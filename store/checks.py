@@ -16,6 +16,16 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
+from store.circuits_schema import (
+    CG,
+    CI,
+    CIRCUIT_ATTRS,
+    INPUT_KINDS,
+    METHODS,
+    METRICS,
+    SELECTIONS,
+    SIZES,
+)
 from store.schema import (
     ABLATION_ATTRS,
     MODEL_ATTRS,
@@ -30,14 +40,24 @@ from store.schema import (
     M,
 )
 from store.shard import BFLOAT16_FIELDS
+from store.taskvec_schema import TQ, TV, TV_ATTRS, TVW_ATTRS
 
-Kind = Literal["prompt", "ablation", "model", "patching"]
+# taskvec: taskvec/vectors.h5; taskvec_word: a held-out word's taskvec/{aie,interventions}/wNNNNN.h5
+Kind = Literal["prompt", "ablation", "model", "patching", "circuits", "circuits_graph", "taskvec", "taskvec_word"]
+
+
+def _fields(cls: type) -> tuple[Field, ...]:
+    return tuple(v for v in vars(cls).values() if isinstance(v, Field))
+
+
 FIELDS: dict[str, tuple[Field, ...]] = {
-    "prompt": F.ALL, "ablation": A.ALL, "model": M.ALL,
-    "patching": tuple(v for v in vars(PT).values() if isinstance(v, Field))}
+    "prompt": F.ALL, "ablation": A.ALL, "model": M.ALL, "patching": _fields(PT),
+    "circuits": _fields(CI), "circuits_graph": _fields(CG), "taskvec": _fields(TV), "taskvec_word": _fields(TQ)}
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
     "prompt": tuple(PROMPT_ATTRS), "ablation": tuple(ABLATION_ATTRS), "model": tuple(MODEL_ATTRS),
-    "patching": tuple(PATCHING_ATTRS)}
+    "patching": tuple(PATCHING_ATTRS), "circuits": tuple(k for k in CIRCUIT_ATTRS if k != "fingerprint"),
+    "circuits_graph": ("n_layers", "n_heads", "n_kv_heads", "n_edges"), "taskvec": TV_ATTRS,
+    "taskvec_word": TVW_ATTRS}
 # attributes a reader does without: the word's span falls back to the position roles
 READER_OPTIONAL_ATTRS = {"word_start", "word_end"}
 NAMED_TYPES = {"bfloat16"}  # committed datatypes a shard may hold (older shards committed bfloat16)
@@ -111,6 +131,12 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
     """The axis sizes this shard must have, and problems found in its attributes."""
     problems: list[str] = []
     dims = dict(expect.dims)
+    if kind in ("circuits", "circuits_graph"):  # their own axes (K and U mean other things there)
+        reps = text(attrs.get("replacements"))
+        dims = {"2": 2, "Me": len(METHODS), "Mt": len(METRICS), "Sel": len(SELECTIONS), "X": len(SIZES),
+                "K": len(INPUT_KINDS), **({"R": len(reps)} if isinstance(reps, list) else {})}
+        if isinstance(text(attrs.get("n_edges")), int):
+            dims["E"] = text(attrs.get("n_edges"))
     # a reader (not strict) needs them too: a missing one would read as NULL; model.h5's are
     # checked whole by verify, and a reader names a missing one when it needs it
     missing = [k for k in REQUIRED_ATTRS[kind] if k not in attrs
@@ -124,8 +150,9 @@ def shard_dims(kind: Kind, attrs: Mapping[str, Any], index: int | None, expect: 
     if expect.fingerprint is not None and fp != expect.fingerprint:
         problems.append(f"fingerprint {fp!r} is not this warehouse's {expect.fingerprint!r} "
                         "(a shard from another warehouse or run)")
-    if kind != "model" and index is not None and text(attrs.get("prompt_index")) != index:
-        problems.append(f"prompt_index attribute {text(attrs.get('prompt_index'))} in the shard of prompt {index}")
+    at = "word_index" if kind == "taskvec_word" else "prompt_index"
+    if kind not in ("model", "circuits_graph") and index is not None and text(attrs.get(at)) != index:
+        problems.append(f"{at} attribute {text(attrs.get(at))} in the shard of {at.split('_')[0]} {index}")
     if kind == "prompt":
         t = text(attrs.get("n_tokens"))
         want = expect.n_tokens.get(index) if index is not None else None

@@ -123,10 +123,10 @@ def stage_files_expected(m: Mapping[str, Any]) -> dict[str, Expected]:
                 out[f"{CIRCUITS_DIR}/{kind}/{prompt_shard_name(int(clean))}"] = Expected("circuits", int(clean))
     tv = m.get("taskvec") or {}
     if cfg.get("task_vectors") and isinstance(tv, Mapping):
-        out[f"{TASKVEC_DIR}/{VECTORS_FILE}"] = Expected("taskvec_vectors", None)
+        out[f"{TASKVEC_DIR}/{VECTORS_FILE}"] = Expected("taskvec", None)  # store.checks' kinds
         for i in tv.get("held_out_indices", []):
             for sub in (AIE_SET, INTERVENTIONS_SET):
-                out[f"{TASKVEC_DIR}/{sub}/{word_shard_name(int(i))}"] = Expected(f"taskvec_{sub}", int(i))
+                out[f"{TASKVEC_DIR}/{sub}/{word_shard_name(int(i))}"] = Expected("taskvec_word", int(i))
     return out
 
 

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from store.checks import FIELDS, Expect, Kind, check_dataset, check_names, shard_dims, text
+from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE
 from store.errors import WarehouseError, first_line
 from store.layout import FINISHED, expected_files, manifest_problems, shard_files
 from store.schema import (
@@ -25,6 +26,7 @@ from store.schema import (
     Field,
     prompt_shard_name,
 )
+from store.taskvec_schema import TASKVEC_DIR, VECTORS_FILE, word_shard_name
 
 
 def shard_indices(folder: Path) -> list[int]:
@@ -235,7 +237,8 @@ class WarehouseReader:
             f.kind, f.checked, f.root, f.names = kind, set(), self.root, set()
             f.names = set(h5py.File.keys(f))
             # model.h5's own sizes are the expectation: only its fingerprint is checked here
-            f.expect = Expect(self.manifest.get("fingerprint"), {}) if kind == "model" else self.expect()
+            f.expect = (Expect(self.manifest.get("fingerprint"), {}) if kind == "model"
+                        else Expect(None, {}) if kind == "circuits_graph" else self.expect())
             f.dims, problems = shard_dims(kind, f.attrs, index, f.expect, strict=False)
             problems += check_names(kind, f.names, f.expect, strict=False)
         except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -273,9 +276,35 @@ class WarehouseReader:
         path = self.root / subdir / prompt_shard_name(index)
         if not path.exists():
             raise WarehouseError(f"prompt {index} has no shard in {self.root / subdir}")
-        kind: Kind = ("ablation" if subdir == ABLATION_DIR
-                      else "patching" if subdir.split("/")[0] == PATCHING_DIR else "prompt")
+        top = subdir.split("/")[0]
+        kind: Kind = ("ablation" if subdir == ABLATION_DIR else "patching" if top == PATCHING_DIR
+                      else "circuits" if top == CIRCUITS_DIR else "prompt")
         return self._open(path, kind, index)
+
+    def taskvec_indices(self, subset: str) -> list[int]:
+        """Word indices of the complete ``taskvec/<subset>/wNNNNN.h5`` shards, sorted."""
+        folder = self.root / TASKVEC_DIR / subset
+        return sorted(int(p.stem[1:]) for p in folder.glob("w*.h5") if p.stem[1:].isdigit())
+
+    def has_taskvec(self) -> bool:
+        return (self.root / TASKVEC_DIR / VECTORS_FILE).exists()
+
+    def taskvec_file(self, subset: str | None = None, index: int | None = None) -> h5py.File:
+        """``taskvec/vectors.h5`` (no ``subset``) or a held-out word's ``taskvec/<subset>/wNNNNN.h5``,
+        checked on open like every shard (fingerprint, schema version, word index, datasets)."""
+        if subset is None:
+            path, kind = self.root / TASKVEC_DIR / VECTORS_FILE, "taskvec"
+        else:
+            assert index is not None, "a word shard needs its word index"
+            path, kind = self.root / TASKVEC_DIR / subset / word_shard_name(index), "taskvec_word"
+        if not path.exists():
+            raise WarehouseError(f"{path}: no such task-vector file; extract with --task-vectors")
+        return self._open(path, kind, index)
+
+    def circuits_graph(self) -> h5py.File | None:
+        """``circuits/graph.h5`` (the edge graph of circuit shards), or None when not extracted."""
+        path = self.root / CIRCUITS_DIR / GRAPH_FILE
+        return self._open(path, "circuits_graph") if path.exists() else None
 
     def model_file(self) -> h5py.File:
         path = self.root / MODEL_FILE

@@ -145,6 +145,10 @@ class TQ:
     VALIDATION = Field("validation", ("I",), "compound", "invariant checks of this word's runs")
 
 
+# attributes every file carries (besides the warehouse's fingerprint and schema version)
+TV_ATTRS = ("n_demos", "chat", "fv_ks", "coefficients")
+TVW_ATTRS = ("word", "word_index", "set")
+
 TQ_ROW_FIELDS = (TQ.METHOD, TQ.KIND, TQ.SOURCE, TQ.LAYER, TQ.HEAD, TQ.K, TQ.COEF, TQ.WHERE)
 TQ_METRIC_FIELDS = (TQ.TARGET_PROB, TQ.TARGET_RANK, TQ.ECHO_CORRECT, TQ.KL, TQ.TOP1_ID)
 TQ_CLEAN_FIELDS = (TQ.CLEAN_KIND, TQ.CLEAN_TARGET_ID, TQ.CLEAN_TARGET_PROB, TQ.CLEAN_TARGET_RANK,

@@ -12,6 +12,7 @@ opened read-only without HDF5 file locking.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,21 +42,29 @@ from store.schema import (
     F,
     Field,
 )
-from store.taskvec_schema import TASKVEC_DIR, TQ, TV, TV_INVARIANTS
+from store.taskvec_schema import (
+    AIE_SET,
+    INTERVENTIONS_SET,
+    TASKVEC_DIR,
+    TQ,
+    TV,
+    TV_INVARIANTS,
+    VECTORS_FILE,
+)
 
 TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR,
              CIRCUITS_DIR, TASKVEC_DIR}
 DIRS = (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, CIRCUITS_DIR, TASKVEC_DIR)
+TASKVEC_WORD = re.compile(r"^w(\d{5,})\.h5$")
 
 
 def _fields(cls: type) -> tuple[Field, ...]:
     return tuple(v for v in vars(cls).values() if isinstance(v, Field))
 
 
-# The circuits and task-vector files (store.layout.stage_files_expected): their schema's fields.
-STAGE_FIELDS: dict[str, tuple[Field, ...]] = {
-    "circuits": _fields(CI), "circuits_graph": _fields(CG), "taskvec_vectors": _fields(TV),
-    "taskvec_aie": _fields(TQ), "taskvec_interventions": _fields(TQ)}
+# The circuits files (store.layout.stage_files_expected): their schema's fields (task-vector
+# files are store.checks' kinds "taskvec" and "taskvec_word").
+STAGE_FIELDS: dict[str, tuple[Field, ...]] = {"circuits": _fields(CI), "circuits_graph": _fields(CG)}
 ALL_INVARIANTS = {**INVARIANTS, **CIRCUIT_INVARIANTS, **TV_INVARIANTS}
 
 
@@ -114,12 +123,12 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
     patching = {rel for rel, (kind, _) in expected.items() if kind == "patching"}
     _foreign_files(root, set(indices), bool(cfg.get("ablation")), add)
     _foreign_patching(root, patching, add)
-    for top in (CIRCUITS_DIR, TASKVEC_DIR):
-        _foreign_tree(root, top, {rel for rel, (kind, _) in expected.items() if kind in STAGE_FIELDS}, add)
+    _foreign_tree(root, CIRCUITS_DIR, {rel for rel, (kind, _) in expected.items() if kind in STAGE_FIELDS}, add)
     ledger = read_ledger(root)
     if ledger is None:
         add(LEDGER_NAME, "missing: no recorded SHA-256 to check the shards against")
     expect = _expect(root, manifest)
+    expected |= _taskvec_files(root, add)  # whatever task-vector files exist are checked in full
     for rel, (kind, index) in expected.items():
         if progress is not None:
             progress(len(expected), rel)
@@ -194,8 +203,35 @@ def _foreign_patching(root: Path, expected: set[str], add: Callable[[str, str], 
                 add(rel, "not a patching shard of this run (stale, foreign or unknown)")
 
 
+def _taskvec_files(root: Path, add: Callable[[str, str], None]) -> dict[str, tuple[Kind, int | None]]:
+    """The task-vector files present (taskvec/vectors.h5, taskvec/{aie,interventions}/wNNNNN.h5),
+    to be checked like the shards; anything else under taskvec/ is reported."""
+    top = root / TASKVEC_DIR
+    out: dict[str, tuple[Kind, int | None]] = {}
+    if not top.is_dir():
+        return out
+    for p in sorted(top.iterdir()):
+        rel = p.relative_to(root).as_posix()
+        if p.name == VECTORS_FILE and p.is_file():
+            out[rel] = ("taskvec", None)
+        elif p.name in (AIE_SET, INTERVENTIONS_SET) and p.is_dir():
+            for q in sorted(p.iterdir()):
+                m = TASKVEC_WORD.match(q.name)
+                if q.name.endswith(PARTIAL_SUFFIX):
+                    add(q.relative_to(root).as_posix(), "a partial write left by a killed run")
+                elif m is None or not q.is_file():
+                    add(q.relative_to(root).as_posix(), "unknown file: not a task-vector shard")
+                else:
+                    out[q.relative_to(root).as_posix()] = ("taskvec_word", int(m.group(1)))
+        elif p.name.endswith(PARTIAL_SUFFIX):
+            add(rel, "a partial write left by a killed run")
+        else:
+            add(rel, "unknown file: not part of the task-vector layout")
+    return out
+
+
 def _foreign_tree(root: Path, top: str, expected: set[str], add: Callable[[str, str], None]) -> None:
-    """Every file under ``top`` (circuits/, taskvec/) is one the manifest implies."""
+    """Every file under ``top`` (circuits/) is one the manifest implies."""
     if not (root / top).is_dir():
         return
     for p in sorted((root / top).rglob("*")):
@@ -207,7 +243,7 @@ def _foreign_tree(root: Path, top: str, expected: set[str], add: Callable[[str, 
 
 
 def _check_stage_file(f: h5py.File, kind: str, expect: Expect) -> list[str]:
-    """A circuits or task-vector file: its schema's datasets (no more, no fewer), their ranks and
+    """A circuits file: its schema's datasets (no more, no fewer), their ranks and
     dtypes, and the run's fingerprint (sizes are the writer's ``check``; the query views read them)."""
     fields = STAGE_FIELDS[kind]
     names = set(f.keys())
@@ -250,8 +286,7 @@ def _check_file(path: Path, kind: Kind | str, index: int | None, expect: Expect)
             except (OSError, KeyError, ValueError) as e:
                 problems.append(f"dataset {name} is damaged ({first_line(e)})")
         fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION, "patching": PT.VALIDATION,
-               "circuits": CI.VALIDATION, "taskvec_vectors": TV.VALIDATION, "taskvec_aie": TQ.VALIDATION,
-               "taskvec_interventions": TQ.VALIDATION}.get(kind)
+               "circuits": CI.VALIDATION, "taskvec": TV.VALIDATION, "taskvec_word": TQ.VALIDATION}.get(kind)
         if fld is not None and fld.name in f and not any(fld.name in p for p in problems):
             problems += _invariants(f[fld.name][()])
     return problems

@@ -163,3 +163,11 @@ def tiny_family_dir(request, tmp_path_factory) -> Path:
 def tiny_model_dir(request) -> Path:
     """Both tiny families: tests using this run once per attention variant."""
     return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def circuits_wh(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    """The tiny Qwen2 warehouse with circuit shards of every pair (tests/query/circuits_warehouse.py)."""
+    from tests.query.circuits_warehouse import build
+
+    return build(tmp_path_factory.mktemp("circuits") / "w", tiny_qwen2_dir)

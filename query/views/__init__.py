@@ -12,11 +12,11 @@ from __future__ import annotations
 from query import registry
 from query.columns import ROLE_NAMES, Column, SqlType
 from query.registry import View, arrow_schema, polars_schema, table
-from query.views import core, patching, sinks
+from query.views import circuits, core, patching, sinks, taskvec
 from query.views.core import SINK_MODES
 
 # The catalogue: every kind, in the order of the README's view reference.
-VIEWS: tuple[View, ...] = registry.catalogue((core.KIND, patching.KIND, sinks.KIND))
+VIEWS: tuple[View, ...] = registry.catalogue((core.KIND, patching.KIND, sinks.KIND, circuits.KIND, taskvec.KIND))
 VIEW_BY_NAME: dict[str, View] = {v.name: v for v in VIEWS}
 LOADERS = registry.light_loaders()  # the light views' loaders of every kind but core (query.light's)
 

@@ -12,7 +12,17 @@ from collections.abc import Callable
 
 from reports.context import Ctx
 from reports.model import Section
-from reports.sections import cosine, echo, emergence, heads, patching, sinks, summary
+from reports.sections import (
+    circuits,
+    cosine,
+    echo,
+    emergence,
+    heads,
+    patching,
+    sinks,
+    summary,
+    taskvec,
+)
 
 SectionFn = Callable[[Ctx], list[Section]]
 
@@ -24,4 +34,6 @@ SECTIONS: tuple[SectionFn, ...] = (
     sinks.sections,      # Attention to the first token, sinks     (is position 0 a sink?)
     cosine.sections,     # Residual cosine similarity
     patching.sections,   # What makes the templates differ         (what makes the templates differ?)
+    circuits.sections,   # Which paths carry the word              (which paths carry the word?)
+    taskvec.sections,    # Is there one 'repeat' inside the model? (task vectors; only with --task-vectors)
 )

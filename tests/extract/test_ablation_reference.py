@@ -19,6 +19,7 @@ import pytest
 from extract.config import ExtractConfig
 from extract.pipeline.run import extract
 from extract.stages.ablation import metrics as abl
+from extract.stages.ablation import stage as abl_stage
 from query import Warehouse
 from store import A, WarehouseReader
 from store.schema import ABLATION_DIR
@@ -38,7 +39,7 @@ def _raw(r: WarehouseReader, i: int, fld) -> np.ndarray:
 
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_bf16_do_nothing_units_never_flip(tiny_model_dir, tmp_path, monkeypatch, positions):
-    monkeypatch.setattr(abl, "GridSpec", functools.partial(abl.GridSpec, identity=True))
+    monkeypatch.setattr(abl_stage, "GridSpec", functools.partial(abl.GridSpec, identity=True))
     out = _extract(tiny_model_dir, tmp_path / "w", dtype="bfloat16", ablation=("zero", "mean"),
                    ablate_positions=positions)
     with Warehouse(out) as wh:

@@ -24,7 +24,10 @@ NAMES = {"echo_behaviour", "echo_agreement", "emergence_layer", "emergence_count
          "compare_echo_accuracy", "compare_echo_words", "compare_emergence", "compare_emergence_prompts",
          "compare_top_heads", "compare_first_token_attention", "compare_depth_profile",
          # attention sinks (issue 10; checked against numpy in test_sinks.py)
-         "sink_heads", "sink_share", "sink_norms", "massive_activations", "sink_ablation"}
+         "sink_heads", "sink_share", "sink_norms", "massive_activations", "sink_ablation",
+         # circuits (issue 17; checked against h5py/numpy in test_circuits.py)
+         "circuit_top_edges", "circuit_head_inputs", "circuit_paths", "circuit_faithfulness_curve",
+         "circuit_agreement", "circuit_head_rankings"}
 
 
 @pytest.fixture()

@@ -44,7 +44,7 @@ def _light(name: str) -> View:
 
 def test_a_new_kind_joins_the_catalogue_where_listed(fresh: list[ViewKind]) -> None:
     derived = View("edges_total", "derived", (PROMPT,), depends=("edges", "prompts"), sql="SELECT 1")
-    kind = registry.register(ViewKind("circuits", (_light("edges"), derived), light={"edges": lambda s: None}))
+    kind = registry.register(ViewKind("task_vectors", (_light("edges"), derived), light={"edges": lambda s: None}))
     views = registry.catalogue((*fresh, kind))
     assert [v.name for v in views[-2:]] == ["edges", "edges_total"]
     assert registry.light_loaders()["edges"] is kind.light["edges"]

@@ -162,7 +162,7 @@ def test_findings_container():
 @pytest.fixture(scope="module")
 def patched(tiny_llama_dir, tmp_path_factory) -> Path:
     from extract.config import ExtractConfig
-    from extract.run import extract
+    from extract.pipeline.run import extract
 
     out = tmp_path_factory.mktemp("patched") / "w"
     s = extract(ExtractConfig(out=out, model=str(tiny_llama_dir), device="cpu", words=("cat", "xylophone"),

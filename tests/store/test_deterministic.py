@@ -57,7 +57,7 @@ def test_a_committed_type_carries_no_timestamp(tmp_path: Path, store_dtype: str)
 def test_a_run_interrupted_during_ablation_then_resumed_has_the_straight_runs_bytes(
         tiny_qwen2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from extract.config import ExtractConfig
-    from extract.run import extract
+    from extract.pipeline.run import extract
 
     def cfg(out: Path, resume: bool = False) -> ExtractConfig:
         return ExtractConfig(out=out, model=str(tiny_qwen2_dir), device="cpu", words=("cat", "dog", "tree"),

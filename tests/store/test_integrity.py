@@ -154,7 +154,7 @@ def test_the_hint_names_the_warehouse_for_the_model_file(tmp_path: Path) -> None
 def test_verify_passes_a_patching_warehouse_and_names_its_damage(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     """Issue 19.3: verify said "patching: should be a directory" on every --patching warehouse."""
     from extract.config import ExtractConfig
-    from extract.run import extract
+    from extract.pipeline.run import extract
 
     out = tmp_path / "w"
     cfg = ExtractConfig(out=out, model=str(tiny_qwen2_dir), device="cpu", words=("cat", "dog"),

@@ -8,7 +8,8 @@ clean prompts and positions (``mean``, ``node_means``), or 0 (``zero``). One eng
 
 - Sizes: x in SIZES, n = round(x * n_edges) (Python's round: half to even), at least 1 for
   x > 0; x = 0 is the empty circuit. Selection ``abs``: top edges by |score|; ``signed``: by
-  -score * sign(M(clean) - M(corrupted)); ties by edge index (stable sort). A circuit built
+  -score * sign(M(clean) - M(corrupted)), M(corrupted) being the empty circuit's M under a mean or
+  zero replacement (the normalisation's); ties by edge index (stable sort). A circuit built
   from a metric's scores is evaluated with that metric.
 - f(C) = (M(C) - M_ref) / (M(clean) - M_ref), M_ref = M(corrupted) for ``patch`` and M(empty
   circuit) under ``mean``/``zero``. The stored f at x = 0 and x = 1 are the computed ones
@@ -166,17 +167,19 @@ def evaluate_pair(ad: Adapter, ps: PairScores, *, replacements: Sequence[str] = 
     none, everything = g.exists.copy(), np.zeros_like(g.exists)
     for ri, rep in enumerate(replacements):
         repl = _replacement(rep, rec.up[1:], means, p.n_tokens)
-        rows, where = [none, everything], []
+        ends = _run_rows(ad, g, h0, repl, [none, everything], rope, ans, row_batch)  # (Mt, 2)
+        base = mx if rep == "patch" else ends[:, 0]  # the normalisation's M(corrupted)
+        rows, where = [], []
         for mi in range(Me):
             for ki in range(Mt):
-                sign = float(np.sign(mc[ki] - mx[ki]))
+                sign = float(np.sign(mc[ki] - base[ki]))
                 for si, sel in enumerate(SELECTIONS):
                     for xi, n in enumerate(sizes[1:-1], 1):
                         inside = np.zeros(E, bool)
                         inside[select(ps.scores[mi, ki], int(n), sel, sign)] = True
                         rows.append(g.exists & ~g.matrix(inside))
                         where.append((mi, ki, si, xi))
-        vals = _run_rows(ad, g, h0, repl, rows, rope, ans, row_batch)  # (Mt, rows)
+        vals = np.concatenate([ends, _run_rows(ad, g, h0, repl, rows, rope, ans, row_batch)], 1)  # (Mt, rows)
         metric[:, :, :, ri, 0] = vals[:, 0][None, :, None]
         metric[:, :, :, ri, -1] = vals[:, 1][None, :, None]
         for (mi, ki, si, xi), j in zip(where, range(2, vals.shape[1]), strict=True):

@@ -93,9 +93,9 @@ class Study:
 def word_shard(folder: str, res: WordResult, model: Loaded) -> Shard:
     arrays: dict[Field, Any] = res.arrays(model.cfg.dtype)
     arrays[TQ.VALIDATION] = validation_array(arrays[TQ.VALIDATION])
-    return Shard(folder, res.word_index, arrays, {"word": res.word, "word_index": res.word_index,
-                                                  "fingerprint": model.fingerprint},
-                 name=word_shard_name(res.word_index))
+    attrs = {"word": res.word, "word_index": res.word_index, "set": folder.rsplit("/", 1)[-1],
+             "fingerprint": model.fingerprint}  # store.taskvec_schema.TVW_ATTRS, as shard.write_word
+    return Shard(folder, res.word_index, arrays, attrs, name=word_shard_name(res.word_index))
 
 
 class _WordStage:
@@ -217,9 +217,9 @@ class VectorsStage:
         arrays: dict[Field, Any] = vector_arrays(ps, vec, function_vectors(vec, aie, FV_KS), model.cfg.dtype)
         arrays[TV.VALIDATION] = validation_array(arrays[TV.VALIDATION])
         tick(1)
-        return [Shard(TASKVEC_DIR, VECTORS, arrays, {"fingerprint": model.fingerprint,
-                                                    "n_demos": ps.n_demos, "train": list(ps.split.train),
-                                                    "held_out": list(ps.split.held_out)}, name=VECTORS_FILE)]
+        attrs = {"n_demos": ps.n_demos, "chat": ps.chat, "fv_ks": list(FV_KS),  # TV_ATTRS, as shard.write_vectors
+                 "coefficients": list(model.cfg.tv_coefficients), "fingerprint": model.fingerprint}
+        return [Shard(TASKVEC_DIR, VECTORS, arrays, attrs, name=VECTORS_FILE)]
 
 
 def taskvec_stages() -> list:
