@@ -130,7 +130,7 @@ def stage_files_expected(m: Mapping[str, Any]) -> dict[str, Expected]:
     return out
 
 
-def shard_files(root: Path) -> set[str]:
+def shard_files(root: Path, m: Mapping[str, Any] | None = None) -> set[str]:
     """Every file with a shard's name under prompts/, ablation/ and patching/*/ (relative paths;
     ``*.partial`` and other names are verify's to report)."""
     out: set[str] = set()
@@ -141,7 +141,10 @@ def shard_files(root: Path) -> set[str]:
         if folder.is_dir():
             out |= {p.relative_to(root).as_posix() for p in folder.iterdir()
                     if SHARD_NAME.match(p.name) and not p.name.endswith(PARTIAL_SUFFIX)}
-    for top in (root / CIRCUITS_DIR, root / TASKVEC_DIR):  # every file of these stages is a shard
-        if top.is_dir():
-            out |= {p.relative_to(root).as_posix() for p in top.rglob("*.h5")}
+    cfg = (m or {}).get("config") or {}
+    # circuits/ and taskvec/ of a run that had them on (store.layout.stage_files_expected); files
+    # written there by other means (a study written beside a plain run) are the views' to check
+    for top, on in ((CIRCUITS_DIR, cfg.get("circuits")), (TASKVEC_DIR, cfg.get("task_vectors"))):
+        if on and (root / top).is_dir():
+            out |= {p.relative_to(root).as_posix() for p in (root / top).rglob("*.h5")}
     return out

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from store.checks import Expect, Kind, check_shard, text
-from store.circuits_schema import CG, CI, CIRCUIT_INVARIANTS, CIRCUITS_DIR
+from store.circuits_schema import CG, CI, CIRCUIT_INVARIANTS, CIRCUITS_DIR, GRAPH_FILE
 from store.errors import WarehouseError, first_line
 from store.layout import SHARD_NAME, expected_files
 from store.ledger import read_ledger, sha256_file
@@ -123,6 +123,8 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
     patching = {rel for rel, (kind, _) in expected.items() if kind == "patching"}
     _foreign_files(root, set(indices), bool(cfg.get("ablation")), add)
     _foreign_patching(root, patching, add)
+    if not cfg.get("circuits"):  # circuits written beside a run without --circuits: check what is there
+        expected |= _circuit_files(root)
     _foreign_tree(root, CIRCUITS_DIR, {rel for rel, (kind, _) in expected.items() if kind in STAGE_FIELDS}, add)
     ledger = read_ledger(root)
     if ledger is None:
@@ -242,6 +244,19 @@ def _foreign_tree(root: Path, top: str, expected: set[str], add: Callable[[str, 
             add(rel, f"not a {top} file of this run (stale, foreign or unknown)")
 
 
+def _circuit_files(root: Path) -> dict[str, tuple[str, int | None]]:
+    """The circuits files present (graph.h5, <kind>/pNNNNN.h5), to be checked in full."""
+    out: dict[str, tuple[str, int | None]] = {}
+    top = root / CIRCUITS_DIR
+    for p in sorted(top.rglob("*.h5")) if top.is_dir() else []:
+        rel, m = p.relative_to(root).as_posix(), SHARD_NAME.match(p.name)
+        if p.parent == top and p.name == GRAPH_FILE:
+            out[rel] = ("circuits_graph", None)
+        elif m is not None and p.parent.parent == top:
+            out[rel] = ("circuits", int(m.group(1)))
+    return out
+
+
 def _check_stage_file(f: h5py.File, kind: str, expect: Expect) -> list[str]:
     """A circuits file: its schema's datasets (no more, no fewer), their ranks and
     dtypes, and the run's fingerprint (sizes are the writer's ``check``; the query views read them)."""
@@ -258,7 +273,7 @@ def _check_stage_file(f: h5py.File, kind: str, expect: Expect) -> list[str]:
         if not fld.activation and ds.dtype != np.dtype(fld.dtype):
             out.append(f"{fld.name} is {ds.dtype}, expected {fld.dtype}")
     fp = text(f.attrs.get("fingerprint"))
-    if expect.fingerprint is not None and fp != expect.fingerprint:
+    if expect.fingerprint is not None and fp != expect.fingerprint and (fp is not None or kind != "circuits_graph"):  # write_graph stamps none
         out.append(f"fingerprint {fp!r} is not the warehouse's {expect.fingerprint!r}")
     return out
 
