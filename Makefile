@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: run test test-heavy setup lint bench patching
+.PHONY: run test test-heavy setup lint bench patching circuits taskvec
 
 $(VENV)/.echowh-setup: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -22,6 +22,19 @@ patching: setup
 	printf '%s\n' $(PATCH_WORDS) > $(OUT)/patch_words.txt
 	$(BIN)/echowh extract --patching --ablation zero --words $(OUT)/patch_words.txt --out $(OUT)/patching --resume
 	$(BIN)/echowh report -w $(OUT)/patching -o $(OUT)/patching.html
+
+# Edge attribution and circuits (off in the main job: README 'Circuits') on four words, both pair kinds.
+CIRCUIT_WORDS ?= cat dog house river
+circuits: setup
+	mkdir -p $(OUT)
+	printf '%s\n' $(CIRCUIT_WORDS) > $(OUT)/circuit_words.txt
+	$(BIN)/echowh extract --circuits template,word --ablation none --words $(OUT)/circuit_words.txt --out $(OUT)/circuits --resume
+
+# Task vectors, function vectors and steering (off in the main job: README 'Task vectors') on the
+# default words, on both embedded models (Gemma 3 270M in its own raw prompt form).
+taskvec: setup
+	$(BIN)/echowh extract --task-vectors --ablation none --out $(OUT)/taskvec --resume
+	$(BIN)/echowh extract --task-vectors --ablation none -m gemma3-270m --out $(OUT)/taskvec-gemma --resume
 
 # Tests: also installs Debian's chromium (report rendering) and hdf5-tools (h5dump) when root.
 test: setup

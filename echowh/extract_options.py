@@ -21,7 +21,15 @@ from typing import Any, Literal
 
 import click
 
-from extract.config import AblationModeName, ExtractConfig, choices, field_docs
+from extract.config import (
+    AblationModeName,
+    CircuitKind,
+    CircuitMethod,
+    CircuitReplacement,
+    ExtractConfig,
+    choices,
+    field_docs,
+)
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -66,11 +74,38 @@ def parse_int_pairs(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def parse_choice_list(lit: Any) -> Callable[[str], tuple[str, ...]]:
+    """A parser of ``none`` or ``a,b`` with values of ``lit`` (each once, in order)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        if text.strip().lower() in ("none", ""):
+            return ()
+        vals = tuple(dict.fromkeys(v.strip().lower() for v in text.split(",") if v.strip()))
+        bad = [v for v in vals if v not in choices(lit)]
+        if bad:
+            raise click.BadParameter(f"{', '.join(bad)}: use none or a comma-separated list of {', '.join(choices(lit))}")
+        return vals
+
+    return parse
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``0,0.5,1`` -> (0.0, 0.5, 1.0), each once, in order."""
+    try:
+        return tuple(dict.fromkeys(float(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise click.BadParameter("use comma-separated numbers like 0,0.5,1,2") from None
+
+
 # One parser per tuple type of a config field (the annotation, None removed).
 PARSERS: dict[Any, Callable[[str], Any]] = {
     tuple[AblationModeName, ...]: parse_modes,
     tuple[int, ...]: parse_ints,
     tuple[tuple[int, int], ...]: parse_int_pairs,
+    tuple[CircuitKind, ...]: parse_choice_list(CircuitKind),
+    tuple[CircuitMethod, ...]: parse_choice_list(CircuitMethod),
+    tuple[CircuitReplacement, ...]: parse_choice_list(CircuitReplacement),
+    tuple[float, ...]: parse_floats,
 }
 
 
@@ -108,6 +143,14 @@ FLAG_SPEC: dict[str, Flag] = {
     "ablate_layers": Flag(("--ablate-layers",), text="all, 20,21,22, or 18-25 (both ends included)."),
     "patching": Flag(("--patching/--no-patching",)),
     "patch_pairs": Flag(("--patch-pairs",), text="As a:b, comma-separated (e.g. 0:1,0:2)."),
+    "circuits": Flag(("--circuits",), text="Comma-separated (template,word), or none."),
+    "circuit_methods": Flag(("--circuit-methods",), text="Comma-separated."),
+    "circuit_steps": Flag(("--circuit-steps",), {"type": click.IntRange(1, 100)}),
+    "circuit_replacements": Flag(("--circuit-replacements",), text="Comma-separated."),
+    "task_vectors": Flag(("--task-vectors/--no-task-vectors",)),
+    "tv_demos": Flag(("--tv-demos",), {"type": click.IntRange(1, 50)}),
+    "tv_coefficients": Flag(("--tv-coefficients",), text="Comma-separated, e.g. 0,0.5,1,2,4,8."),
+    "tv_steer_stride": Flag(("--tv-steer-stride",), {"type": click.IntRange(1, 1000)}),
     "progress": Flag(("--quiet", "-q"), negate=True),
 }
 NOT_OPTIONS = ("extra",)  # set by the CLI itself (the command line, recorded in the manifest)
@@ -152,7 +195,7 @@ def option(f: dataclasses.Field, doc: str, hints: dict[str, Any]) -> Callable:
         kw["callback"] = lambda ctx, param, v, parse=parse: None if v is None else parse(v)
         kw["default"] = None
         if default is not None:
-            kw["default"] = ",".join(default) if tp == tuple[AblationModeName, ...] else str(default)
+            kw["default"] = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else str(default)
             kw["show_default"] = True
     elif not kw.get("multiple"):
         kw.update(default=default, show_default=default is not None and tp is not Path)

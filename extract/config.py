@@ -11,6 +11,9 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 StoreDtype = Literal["float32", "bfloat16", "float16"]
 AblationPositions = Literal["all", "last"]
 AblationModeName = Literal["zero", "mean", "sink", "sink_norenorm"]
+CircuitKind = Literal["template", "word"]
+CircuitMethod = Literal["eap", "eap_ig_inputs", "eap_ig_activations"]
+CircuitReplacement = Literal["patch", "mean", "zero"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -112,6 +115,41 @@ class ExtractConfig:
     patch_pairs: tuple[tuple[int, int], ...] | None = None
     """(fingerprint) Template pairs to patch, 0-based; both directions run for each. Default: 0:1
     (the first two templates). Implies nothing without patching."""
+    circuits: tuple[CircuitKind, ...] = ()
+    """(fingerprint) Edge attribution and circuits (stored under circuits/): template (each word
+    under the first two templates, both directions) and/or word (the same template with the next
+    word of equal token length and another first token). Per pair: one forward+backward per
+    method and IG step, then one forward per circuit (2 selections x 2 metrics x 9 sizes x
+    methods x replacements, plus 100 single edges). Cost with the defaults on SmolLM2, measured
+    on one CPU core: about 110 s per pair (scores 11 s, the faithfulness sweep 99 s); make
+    circuits (4 words, up to 16 pairs) about 30 core-minutes (README 'Running circuits and task
+    vectors'). Off by default."""
+    circuit_methods: tuple[CircuitMethod, ...] = ("eap", "eap_ig_inputs")
+    """(fingerprint) Attribution methods stored (eap always runs: the invariants need it).
+    eap_ig_activations costs about 3 x n_layers x circuit_steps backward passes per pair (some 20x
+    eap_ig_inputs): opt in. A method not asked for is stored as 0."""
+    circuit_steps: int = 5
+    """(fingerprint) Integrated-gradient steps m of EAP-IG (m forward+backward passes per method;
+    m = 1 is eap)."""
+    circuit_replacements: tuple[CircuitReplacement, ...] = ("patch",)
+    """(fingerprint) What an edge outside a circuit carries: patch (the counterfactual's value), mean
+    (the node's mean over every clean prompt), zero. Each adds one forward per circuit."""
+    task_vectors: bool = False
+    """(fingerprint) Task vectors, function vectors and steering (stored under taskvec/): vectors
+    from the even-indexed (train) words, per-head AIE and every intervention on the odd-indexed
+    (held-out) words. Cost per held-out word on SmolLM2, measured on one CPU core: about 19 s
+    (AIE 2 s, last-position interventions 6 s, from-verb steering 12 s at tv_steer_stride 1), so
+    about 7 minutes for the 44 default words (22 held out). Off by default."""
+    tv_demos: int = 5
+    """(fingerprint) Demonstrations in a task-vector prompt (needs more than this many train words)."""
+    tv_coefficients: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+    """(fingerprint) Steering coefficients c, each run at every boundary in both directions and both
+    position modes (0 reproduces the clean run: a stored invariant)."""
+    tv_steer_stride: int = 1
+    """(fingerprint) Steer from the verb on at every boundary b with b % stride == 0 (1: every
+    boundary). These rows recompute every position from the verb: 12 of SmolLM2's 19 s per
+    held-out word at stride 1, about 3 s at stride 4. Last-position steering always runs at every
+    boundary."""
     progress: bool = True
     """Show progress bars on stderr."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +168,10 @@ class ExtractConfig:
         }
         if self.patching:  # absent when off: warehouses made before patching existed still resume
             keep |= {"patching", "patch_pairs"}
+        if self.circuits:  # likewise for circuits and task vectors
+            keep |= {"circuits", "circuit_methods", "circuit_steps", "circuit_replacements"}
+        if self.task_vectors:
+            keep |= {"task_vectors", "tv_demos", "tv_coefficients", "tv_steer_stride"}
         parts = {k: d[k] for k in sorted(keep)}
         parts["templates"] = list(self.templates)
         for k, v in parts.items():
@@ -164,6 +206,51 @@ def validate(cfg: ExtractConfig) -> None:
         raise ConfigError("`ablate_layers` (none) is empty: give layers, or None for all", "ablate_layers")
     if cfg.patching:
         check_pairs(cfg.patch_pairs, len(cfg.templates))
+    check_circuits(cfg)
+    check_task_vectors(cfg)
+
+
+def _check_choices(cfg: ExtractConfig, name: str, lit: Any) -> None:
+    bad = [x for x in getattr(cfg, name) if x not in choices(lit)]
+    if bad:
+        raise ConfigError(f"`{name}`: unknown value(s) {', '.join(map(str, bad))}; choose from "
+                          f"{', '.join(choices(lit))}", name)
+
+
+def check_circuits(cfg: ExtractConfig) -> None:
+    """Circuit kinds, methods, replacements and IG steps that can run."""
+    for name, lit in (("circuits", CircuitKind), ("circuit_methods", CircuitMethod),
+                      ("circuit_replacements", CircuitReplacement)):
+        _check_choices(cfg, name, lit)
+    if not cfg.circuits:
+        return
+    if "template" in cfg.circuits and len(cfg.templates) < 2:
+        raise ConfigError("template circuits need at least two templates (`templates` twice), or use `circuits`=word",
+                          "circuits", "templates")
+    if not cfg.circuit_methods:
+        raise ConfigError("`circuit_methods` is empty: give at least eap", "circuit_methods")
+    if not cfg.circuit_replacements:
+        raise ConfigError("`circuit_replacements` is empty: give at least patch", "circuit_replacements")
+    if cfg.circuit_steps < 1:
+        raise ConfigError(f"`circuit_steps` must be >= 1, not {cfg.circuit_steps}", "circuit_steps")
+
+
+def check_task_vectors(cfg: ExtractConfig) -> None:
+    """Demonstrations, coefficients and the steering stride of the task-vector study."""
+    if not cfg.task_vectors:
+        return
+    if cfg.tv_demos < 1:
+        raise ConfigError(f"`tv_demos` must be >= 1, not {cfg.tv_demos}", "tv_demos")
+    if not cfg.tv_coefficients or any(c < 0 for c in cfg.tv_coefficients):
+        raise ConfigError("`tv_coefficients` must be one or more values >= 0 (the sign is the direction)",
+                          "tv_coefficients")
+    if cfg.tv_steer_stride < 1:
+        raise ConfigError(f"`tv_steer_stride` must be >= 1, not {cfg.tv_steer_stride}", "tv_steer_stride")
+    n = len(cfg.words) if cfg.words is not None else None  # the shipped words are enough
+    if n is not None and (n + 1) // 2 < cfg.tv_demos + 1:
+        raise ConfigError(f"`tv_demos`={cfg.tv_demos} needs {cfg.tv_demos + 1} train words (even-indexed), "
+                          f"`words` gives {(n + 1) // 2}: pass more words or fewer demonstrations",
+                          "tv_demos", "words")
 
 
 def check_templates(templates: tuple[str, ...]) -> None:

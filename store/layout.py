@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store.circuits_schema import CIRCUITS_DIR, GRAPH_FILE
 from store.schema import (
     ABLATION_DIR,
     MODEL_FILE,
@@ -21,6 +22,13 @@ from store.schema import (
     PATCHING_DIR,
     PROMPTS_DIR,
     prompt_shard_name,
+)
+from store.taskvec_schema import (
+    AIE_SET,
+    INTERVENTIONS_SET,
+    TASKVEC_DIR,
+    VECTORS_FILE,
+    word_shard_name,
 )
 
 SHARD_NAME = re.compile(r"^p(\d{5,})\.h5$")
@@ -97,10 +105,32 @@ def expected_files(m: Mapping[str, Any]) -> dict[str, Expected]:
                 if (w, int(a)) in index and (w, int(b)) in index:
                     i = index[(w, int(a))]
                     out[f"{PATCHING_DIR}/{a}-{b}/{prompt_shard_name(i)}"] = Expected("patching", i)
+    out.update(stage_files_expected(m))
     return out
 
 
-def shard_files(root: Path) -> set[str]:
+def stage_files_expected(m: Mapping[str, Any]) -> dict[str, Expected]:
+    """Circuits (``circuits.<kind>.pairs`` of the manifest: one shard per pair, the graph once) and
+    the task-vector study (``taskvec.held_out_indices``: an AIE and an interventions shard per
+    held-out word, vectors.h5 once)."""
+    cfg = m.get("config") or {}
+    out: dict[str, Expected] = {}
+    circuits = m.get("circuits") or {}
+    if cfg.get("circuits") and isinstance(circuits, Mapping):
+        out[f"{CIRCUITS_DIR}/{GRAPH_FILE}"] = Expected("circuits_graph", None)
+        for kind in cfg["circuits"]:
+            for clean, *_ in (circuits.get(kind) or {}).get("pairs", []):
+                out[f"{CIRCUITS_DIR}/{kind}/{prompt_shard_name(int(clean))}"] = Expected("circuits", int(clean))
+    tv = m.get("taskvec") or {}
+    if cfg.get("task_vectors") and isinstance(tv, Mapping):
+        out[f"{TASKVEC_DIR}/{VECTORS_FILE}"] = Expected("taskvec", None)  # store.checks' kinds
+        for i in tv.get("held_out_indices", []):
+            for sub in (AIE_SET, INTERVENTIONS_SET):
+                out[f"{TASKVEC_DIR}/{sub}/{word_shard_name(int(i))}"] = Expected("taskvec_word", int(i))
+    return out
+
+
+def shard_files(root: Path, m: Mapping[str, Any] | None = None) -> set[str]:
     """Every file with a shard's name under prompts/, ablation/ and patching/*/ (relative paths;
     ``*.partial`` and other names are verify's to report)."""
     out: set[str] = set()
@@ -111,4 +141,10 @@ def shard_files(root: Path) -> set[str]:
         if folder.is_dir():
             out |= {p.relative_to(root).as_posix() for p in folder.iterdir()
                     if SHARD_NAME.match(p.name) and not p.name.endswith(PARTIAL_SUFFIX)}
+    cfg = (m or {}).get("config") or {}
+    # circuits/ and taskvec/ of a run that had them on (store.layout.stage_files_expected); files
+    # written there by other means (a study written beside a plain run) are the views' to check
+    for top, on in ((CIRCUITS_DIR, cfg.get("circuits")), (TASKVEC_DIR, cfg.get("task_vectors"))):
+        if on and (root / top).is_dir():
+            out |= {p.relative_to(root).as_posix() for p in (root / top).rglob("*.h5")}
     return out

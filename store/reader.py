@@ -194,7 +194,7 @@ class WarehouseReader:
         a missing one is an error when the run finished, and is listed in ``missing`` (see
         ``note``) while it is still running or was killed."""
         expected = expected_files(self.manifest)
-        on_disk = shard_files(self.root)
+        on_disk = shard_files(self.root, self.manifest)
         extra = sorted(on_disk - set(expected))
         if extra:
             raise WarehouseError(f"{self.root / extra[0]}: a shard the manifest does not list (stale or foreign)"

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from store.checks import Expect, Kind, check_shard, text
+from store.circuits_schema import CG, CI, CIRCUIT_INVARIANTS, CIRCUITS_DIR, GRAPH_FILE
 from store.errors import WarehouseError, first_line
 from store.layout import SHARD_NAME, expected_files
 from store.ledger import read_ledger, sha256_file
@@ -39,6 +40,7 @@ from store.schema import (
     PT,
     A,
     F,
+    Field,
 )
 from store.taskvec_schema import (
     AIE_SET,
@@ -50,8 +52,20 @@ from store.taskvec_schema import (
     VECTORS_FILE,
 )
 
-TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, TASKVEC_DIR}
+TOP_LEVEL = {MANIFEST_NAME, MODEL_FILE, LEDGER_NAME, LOCK_NAME, PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR,
+             CIRCUITS_DIR, TASKVEC_DIR}
+DIRS = (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, CIRCUITS_DIR, TASKVEC_DIR)
 TASKVEC_WORD = re.compile(r"^w(\d{5,})\.h5$")
+
+
+def _fields(cls: type) -> tuple[Field, ...]:
+    return tuple(v for v in vars(cls).values() if isinstance(v, Field))
+
+
+# The circuits files (store.layout.stage_files_expected): their schema's fields (task-vector
+# files are store.checks' kinds "taskvec" and "taskvec_word").
+STAGE_FIELDS: dict[str, tuple[Field, ...]] = {"circuits": _fields(CI), "circuits_graph": _fields(CG)}
+ALL_INVARIANTS = {**INVARIANTS, **CIRCUIT_INVARIANTS, **TV_INVARIANTS}
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,9 @@ def verify(root: Path | str, progress: Callable[[int, str], None] | None = None)
     patching = {rel for rel, (kind, _) in expected.items() if kind == "patching"}
     _foreign_files(root, set(indices), bool(cfg.get("ablation")), add)
     _foreign_patching(root, patching, add)
+    if not cfg.get("circuits"):  # circuits written beside a run without --circuits: check what is there
+        expected |= _circuit_files(root)
+    _foreign_tree(root, CIRCUITS_DIR, {rel for rel, (kind, _) in expected.items() if kind in STAGE_FIELDS}, add)
     ledger = read_ledger(root)
     if ledger is None:
         add(LEDGER_NAME, "missing: no recorded SHA-256 to check the shards against")
@@ -153,7 +170,7 @@ def _foreign_files(root: Path, indices: set[int], ablation: bool, add: Callable[
             add(p.name, "a partial write left by a killed run (`echowh extract --resume` removes it)")
         elif p.name not in TOP_LEVEL:
             add(p.name, "unknown file: not part of an echo-warehouse")
-        elif (p.name in (PROMPTS_DIR, ABLATION_DIR, PATCHING_DIR, TASKVEC_DIR)) != p.is_dir():
+        elif (p.name in DIRS) != p.is_dir():
             add(p.name, "should be a directory")
     for sub in (PROMPTS_DIR, ABLATION_DIR):
         if not (root / sub).is_dir():
@@ -215,7 +232,53 @@ def _taskvec_files(root: Path, add: Callable[[str, str], None]) -> dict[str, tup
     return out
 
 
-def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> list[str]:
+def _foreign_tree(root: Path, top: str, expected: set[str], add: Callable[[str, str], None]) -> None:
+    """Every file under ``top`` (circuits/) is one the manifest implies."""
+    if not (root / top).is_dir():
+        return
+    for p in sorted((root / top).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.name.endswith(PARTIAL_SUFFIX):
+            add(rel, "a partial write left by a killed run (`echowh extract --resume` removes it)")
+        elif p.is_file() and rel not in expected:
+            add(rel, f"not a {top} file of this run (stale, foreign or unknown)")
+
+
+def _circuit_files(root: Path) -> dict[str, tuple[str, int | None]]:
+    """The circuits files present (graph.h5, <kind>/pNNNNN.h5), to be checked in full."""
+    out: dict[str, tuple[str, int | None]] = {}
+    top = root / CIRCUITS_DIR
+    for p in sorted(top.rglob("*.h5")) if top.is_dir() else []:
+        rel, m = p.relative_to(root).as_posix(), SHARD_NAME.match(p.name)
+        if p.parent == top and p.name == GRAPH_FILE:
+            out[rel] = ("circuits_graph", None)
+        elif m is not None and p.parent.parent == top:
+            out[rel] = ("circuits", int(m.group(1)))
+    return out
+
+
+def _check_stage_file(f: h5py.File, kind: str, expect: Expect) -> list[str]:
+    """A circuits file: its schema's datasets (no more, no fewer), their ranks and
+    dtypes, and the run's fingerprint (sizes are the writer's ``check``; the query views read them)."""
+    fields = STAGE_FIELDS[kind]
+    names = set(f.keys())
+    out = [f"dataset {x} is missing" for x in sorted({g.name for g in fields} - names)]
+    out += [f"dataset {x} is not in the schema" for x in sorted(names - {g.name for g in fields})]
+    for fld in fields:
+        if fld.name not in names or fld.dtype in ("str", "compound"):
+            continue
+        ds = f[fld.name]
+        if ds.ndim != len(fld.axes):
+            out.append(f"{fld.name} has {ds.ndim} axes, expected {len(fld.axes)} {fld.axes}")
+        if not fld.activation and ds.dtype != np.dtype(fld.dtype):
+            out.append(f"{fld.name} is {ds.dtype}, expected {fld.dtype}")
+    fp = text(f.attrs.get("fingerprint"))
+    if expect.fingerprint is not None and fp != expect.fingerprint and (fp is not None or kind != "circuits_graph"):  # write_graph stamps none
+        out.append(f"fingerprint {fp!r} is not the warehouse's {expect.fingerprint!r}")
+    return out
+
+
+def _check_file(path: Path, kind: Kind | str, index: int | None, expect: Expect) -> list[str]:
     """Structure (strict), every chunk's checksum, and the stored invariants of one file."""
     try:
         f = h5py.File(path, "r", locking=False)
@@ -224,7 +287,10 @@ def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> li
     problems: list[str] = []
     with f:
         try:
-            problems += check_shard(f, kind, index, expect, strict=True)
+            if kind in STAGE_FIELDS:
+                problems += _check_stage_file(f, kind, expect)
+            else:
+                problems += check_shard(f, kind, index, expect, strict=True)  # type: ignore[arg-type]
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             return [*problems, f"unreadable metadata ({first_line(e)})"]
         for name in sorted(f.keys()):
@@ -235,7 +301,7 @@ def _check_file(path: Path, kind: Kind, index: int | None, expect: Expect) -> li
             except (OSError, KeyError, ValueError) as e:
                 problems.append(f"dataset {name} is damaged ({first_line(e)})")
         fld = {"prompt": F.VALIDATION, "ablation": A.VALIDATION, "patching": PT.VALIDATION,
-               "taskvec": TV.VALIDATION, "taskvec_word": TQ.VALIDATION}.get(kind)
+               "circuits": CI.VALIDATION, "taskvec": TV.VALIDATION, "taskvec_word": TQ.VALIDATION}.get(kind)
         if fld is not None and fld.name in f and not any(fld.name in p for p in problems):
             problems += _invariants(f[fld.name][()])
     return problems
@@ -245,7 +311,7 @@ def _invariants(rows: np.ndarray) -> list[str]:
     out = []
     for r in rows:
         name = text(r["invariant"])
-        if name not in INVARIANTS and name not in TV_INVARIANTS:
+        if name not in ALL_INVARIANTS:
             out.append(f"validation row {name!r} is not a known invariant")
         elif not bool(r["passed"]) or not float(r["rel_err"]) <= float(r["tolerance"]):
             out.append(f"invariant {name} failed (rel err {float(r['rel_err']):.3g} > tolerance "

@@ -157,9 +157,11 @@ class WarehouseWriter:
         return ShardWriter(self.root / MODEL_FILE, "float32", ledger=self.ledger, stamp=self._stamp(),
                            staged=self.staged)
 
-    def shard_writer(self, index: int, subdir: str = PROMPTS_DIR) -> ShardWriter:
-        return _Collecting(self.root / subdir / prompt_shard_name(index), self.store_dtype, self.warnings,
-                           ledger=self.ledger, stamp=self._stamp(prompt_index=index), staged=self.staged)
+    def shard_writer(self, index: int, subdir: str = PROMPTS_DIR, name: str | None = None) -> ShardWriter:
+        """``subdir/pNNNNN.h5``, or ``subdir/name`` (a stage's own file name: ``wNNNNN.h5``, ``graph.h5``)."""
+        return _Collecting(self.root / subdir / (name or prompt_shard_name(index)), self.store_dtype, self.warnings,
+                           ledger=self.ledger, stamp=self._stamp(**({} if name else {"prompt_index": index})),
+                           staged=self.staged)
 
     def take_staged(self) -> list[tuple[str, str]]:
         """(path relative to the warehouse, SHA-256) of each file sealed since the last call,

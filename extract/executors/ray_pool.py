@@ -141,8 +141,10 @@ class Worker:
 
 
 def _index(rel: str) -> int:
-    """The shard index of a shard path (``.../pNNNNN.h5``)."""
-    return int(rel.rsplit("/", 1)[-1][1:].split(".", 1)[0])
+    """The shard index of a shard path (``.../pNNNNN.h5``, ``.../wNNNNN.h5``; -1 for a named file
+    such as ``circuits/graph.h5``)."""
+    stem = rel.rsplit("/", 1)[-1].split(".", 1)[0]
+    return int(stem[1:]) if stem[1:].isdigit() else -1
 
 
 class RayExecutor:

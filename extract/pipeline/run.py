@@ -24,8 +24,10 @@ from extract.pipeline.validation import summarise_validation
 from extract.stages.ablation.stage import AblationStage
 from extract.stages.base import Loaded, PlanInput, Stage
 from extract.stages.capture.stage import CaptureStage
+from extract.stages.circuits.stage import circuit_stages
 from extract.stages.patching.stage import PatchingStage
 from extract.stages.prompts import build_prompts, default_words
+from extract.stages.taskvec.stage import taskvec_stages
 from store.lock import refuse_if_writing
 from store.warehouse import WarehouseWriter
 
@@ -48,12 +50,27 @@ class RunSummary:
 
 
 def stages_for(cfg: ExtractConfig) -> list[Stage]:
-    """The run's stages, in order: capture, then the ablation grid and patching when asked."""
+    """The run's stages, in order: capture, then the ablation grid, patching, circuits (one stage
+    per pair kind) and the task-vector phases (AIE, vectors, interventions) when asked."""
     out: list[Stage] = [CaptureStage()]
     if cfg.ablation:
         out.append(AblationStage())
     if cfg.patching:
         out.append(PatchingStage())
+    out += circuit_stages(cfg)
+    if cfg.task_vectors:
+        out += taskvec_stages()
+    return out
+
+
+def stage_records(stages: list[Stage], model: Loaded) -> dict[str, Any]:
+    """What stages record in the manifest (``record(model)``: circuit pairs, the task-vector
+    split and prompt set), merged one level deep (``circuits.template``, ``circuits.word``)."""
+    out: dict[str, Any] = {}
+    for s in stages:
+        rec = getattr(s, "record", None)
+        for k, v in (rec(model) if rec is not None else {}).items():
+            out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
     return out
 
 
@@ -106,6 +123,9 @@ def _run(cfg: ExtractConfig, ex: Executor, w: WarehouseWriter, model: Loaded, t0
     base = PlanInput(cfg, model.prompts, model.adapter.arch, cfg.batch_size or sizes(model.adapter).extract_batch,
                      w.done)
     stages = stages_for(cfg)
+    records = stage_records(stages, model)
+    if records:
+        w.write_manifest(**records)
     session = Session(cfg, w, model if ex.computes_here else None, model.fingerprint, load, stages)
     if not ex.computes_here:
         model.adapter = None  # type: ignore[assignment]  # the driver computes nothing: free the

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import h5py
+
+from store.circuits_schema import CIRCUIT_INVARIANTS, CIRCUITS_DIR
 from store.schema import ABLATION_DIR, INVARIANTS, PATCHING_DIR, PROMPTS_DIR, A, F
+from store.taskvec_schema import TASKVEC_DIR, TV_INVARIANTS
 from store.warehouse import WarehouseReader
+
+DESCRIPTIONS = {**INVARIANTS, **CIRCUIT_INVARIANTS, **TV_INVARIANTS}
+
+
+def stage_files(root: Path) -> list[tuple[Path, int]]:
+    """(file, index) of every circuits and task-vector file with a validation array (index: the
+    clean prompt, the word, or -1 for taskvec/vectors.h5)."""
+    out: list[tuple[Path, int]] = []
+    for top in (Path(root) / CIRCUITS_DIR, Path(root) / TASKVEC_DIR):
+        for p in sorted(top.rglob("*.h5")) if top.is_dir() else []:
+            stem = p.stem[1:]
+            if p.name[0] in "pw" and stem.isdigit():
+                out.append((p, int(stem)))
+            elif p.parent.name == TASKVEC_DIR:
+                out.append((p, -1))
+    return out
 
 
 def summarise_validation(root) -> dict[str, dict[str, Any]]:
@@ -23,16 +44,23 @@ def summarise_validation(root) -> dict[str, dict[str, Any]]:
                 fld = F.VALIDATION if subdir == PROMPTS_DIR else A.VALIDATION
                 if not r.has(fld, i, subdir):
                     continue  # an ablation shard of a run without the engine check
-                for row in r.read(fld, i, subdir=subdir):
-                    name = row["invariant"].decode()
-                    o = seen.setdefault(name, {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None,
-                                               "failed_prompts": [], "passed": True,
-                                               "description": INVARIANTS.get(name, "")})
-                    o["max_abs_err"] = max(o["max_abs_err"], float(row["max_abs_err"]))
-                    o["max_rel_err"] = max(o["max_rel_err"], float(row["rel_err"]))
-                    o["tolerance"] = float(row["tolerance"])
-                    if not row["passed"]:
-                        o["failed_prompts"].append(i)
-                        o["passed"] = False
-    order = list(INVARIANTS)
+                _add(seen, r.read(fld, i, subdir=subdir), i)
+        for path, i in stage_files(r.root):  # circuits/, taskvec/: the same validation dtype
+            with h5py.File(path, "r", locking=False) as f:
+                _add(seen, f["validation"][()], i)
+    order = list(DESCRIPTIONS)
     return dict(sorted(seen.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _add(seen: dict[str, dict[str, Any]], rows, index: int) -> None:
+    """Fold one shard's validation rows into the summary (``index`` names a failing shard)."""
+    for row in rows:
+        name = row["invariant"].decode()
+        o = seen.setdefault(name, {"max_abs_err": 0.0, "max_rel_err": 0.0, "tolerance": None,
+                                   "failed_prompts": [], "passed": True, "description": DESCRIPTIONS.get(name, "")})
+        o["max_abs_err"] = max(o["max_abs_err"], float(row["max_abs_err"]))
+        o["max_rel_err"] = max(o["max_rel_err"], float(row["rel_err"]))
+        o["tolerance"] = float(row["tolerance"])
+        if not row["passed"]:
+            o["failed_prompts"].append(index)
+            o["passed"] = False

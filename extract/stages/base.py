@@ -50,6 +50,7 @@ class Shard:
     index: int
     arrays: dict[Field, Any]
     attrs: dict[str, Any]
+    name: str | None = None  # the file name in ``folder`` when not pNNNNN.h5 (wNNNNN.h5, graph.h5)
 
     def __post_init__(self) -> None:
         bad = [k for k in self.arrays if not isinstance(k, Field)]
@@ -107,7 +108,7 @@ class Stage(Protocol):
 def write_shard(w: WarehouseWriter, shard: Shard) -> None:
     """One shard through the store's writer (atomic, ledgered; staged on a Ray actor)."""
     (w.root / shard.folder).mkdir(parents=True, exist_ok=True)  # patching/<a>-<b>/: one per pair
-    with w.shard_writer(shard.index, shard.folder) as s:
+    with w.shard_writer(shard.index, shard.folder, shard.name) as s:
         for fld, value in shard.arrays.items():
             s.put(fld, value)
         s.attrs(shard.attrs)
