@@ -28,13 +28,16 @@ CIRCUIT_WORDS ?= cat dog house river
 circuits: setup
 	mkdir -p $(OUT)
 	printf '%s\n' $(CIRCUIT_WORDS) > $(OUT)/circuit_words.txt
-	$(BIN)/echowh extract --circuits template,word --ablation none --words $(OUT)/circuit_words.txt --out $(OUT)/circuits --resume
+	$(BIN)/echowh extract --circuits template,word --ablation zero --words $(OUT)/circuit_words.txt --out $(OUT)/circuits --resume
+	$(BIN)/echowh report -w $(OUT)/circuits -o $(OUT)/circuits.html
 
 # Task vectors, function vectors and steering (off in the main job: README 'Task vectors') on the
 # default words, on both embedded models (Gemma 3 270M in its own raw prompt form).
 taskvec: setup
-	$(BIN)/echowh extract --task-vectors --ablation none --out $(OUT)/taskvec --resume
-	$(BIN)/echowh extract --task-vectors --ablation none -m gemma3-270m --out $(OUT)/taskvec-gemma --resume
+	$(BIN)/echowh extract --task-vectors --ablation zero --out $(OUT)/taskvec --resume
+	$(BIN)/echowh report -w $(OUT)/taskvec -o $(OUT)/taskvec.html
+	$(BIN)/echowh extract --task-vectors --ablation zero -m gemma3-270m --out $(OUT)/taskvec-gemma --resume
+	$(BIN)/echowh report -w $(OUT)/taskvec-gemma -o $(OUT)/taskvec-gemma.html
 
 # Tests: also installs Debian's chromium (report rendering) and hdf5-tools (h5dump) when root.
 test: setup

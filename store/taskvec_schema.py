@@ -1,4 +1,4 @@
-"""Schema of the task-vector study (issue 18; every number defined in specs/taskvec.md).
+"""Schema of the task-vector study (issue 18; every number defined in docs/specs/taskvec.md).
 
 Proposed layout inside a warehouse::
 

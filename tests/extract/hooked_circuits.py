@@ -1,5 +1,5 @@
 """The independent reference of the circuits engine: an unmodified HF forward with hooks on the
-real HF modules, and autograd, written from the spec (/work/specs/circuits.md), not from
+real HF modules, and autograd, written from the spec (docs/specs/circuits.md), not from
 extract.stages.circuits.
 
 One hooked forward gives every downstream input its own value: forward hooks on q_proj / k_proj

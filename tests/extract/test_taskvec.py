@@ -1,4 +1,4 @@
-"""extract.stages.taskvec against independent computations (specs/taskvec.md).
+"""extract.stages.taskvec against independent computations (docs/specs/taskvec.md).
 
 - every edit kind of the engine (residual set / add / self-patch at the last position, add from
   the verb on, a head's o_proj-input slice) == one hooked HF forward per edit (forward hooks on

@@ -1,4 +1,4 @@
-"""Independent reference for specs/circuits.md: EAP / EAP-IG edge scores, circuits, faithfulness.
+"""Independent reference for docs/specs/circuits.md: EAP / EAP-IG edge scores, circuits, faithfulness.
 
 Written from the spec alone (no project code), with torch + transformers only: every number comes
 from the Hugging Face model's own forward, with forward hooks / forward pre-hooks that

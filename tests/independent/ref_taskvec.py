@@ -1,4 +1,4 @@
-"""Independent reference for the task-vector / function-vector / steering spec (specs/taskvec.md).
+"""Independent reference for the task-vector / function-vector / steering spec (docs/specs/taskvec.md).
 
 Written from the spec alone (no project code read), with torch + transformers only: every
 number comes from a plain HF forward, with forward hooks / pre-hooks doing the reading and the

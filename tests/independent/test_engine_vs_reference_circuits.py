@@ -1,5 +1,5 @@
 """The project's circuits engine (extract.stages.circuits) against the independent reference
-(tests/independent/ref_circuits.py, written from /work/specs/circuits.md alone), number by number.
+(tests/independent/ref_circuits.py, written from docs/specs/circuits.md alone), number by number.
 
 Both sides run the SAME model object: tiny random float64 models of every family the reference
 supports (its self-test configs, tests/independent/test_ref_circuits.py) and, slow, the embedded

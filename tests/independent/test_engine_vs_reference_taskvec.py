@@ -1,5 +1,5 @@
 """The project's task-vector engine (extract.stages.taskvec) against the independent reference
-(tests/independent/ref_taskvec.py, written from /work/specs/taskvec.md alone), number by number.
+(tests/independent/ref_taskvec.py, written from docs/specs/taskvec.md alone), number by number.
 
 The engine runs its whole study (``run_study``); the reference recomputes every number of the
 spec from its own vectors (float64), one hooked HF forward per intervention: prompt texts and

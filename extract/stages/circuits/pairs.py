@@ -1,6 +1,6 @@
 """Counterfactual pairs of the circuits engine: (clean ids, corrupted ids) of EQUAL token length.
 
-Two kinds (the spec, /work/specs/circuits.md "Pairs"):
+Two kinds (the spec, docs/specs/circuits.md "Pairs"):
 
 - ``template``: one word under two templates ``a`` and ``b``, both directions: direction 0 has
   clean = template a's prompt and corrupted = template b's, direction 1 the reverse.

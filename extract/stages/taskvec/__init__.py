@@ -1,4 +1,4 @@
-"""Task vectors, function vectors and steering (issue 18; numbers defined in specs/taskvec.md).
+"""Task vectors, function vectors and steering (issue 18; numbers defined in docs/specs/taskvec.md).
 
 Public API (what a pipeline stage calls):
 

@@ -1,4 +1,4 @@
-"""The interventions of the study on held-out words, batched (specs/taskvec.md, "Interventions").
+"""The interventions of the study on held-out words, batched (docs/specs/taskvec.md, "Interventions").
 
 A plan is a list of ``Row`` (method, destination kind, boundary/block, head, k, c, positions);
 ``run_rows`` builds each row's ``engine.Edit`` from the train-built vectors, groups rows by

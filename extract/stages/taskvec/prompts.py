@@ -1,4 +1,4 @@
-"""The prompt sets of the task-vector study (specs/taskvec.md, "Prompt sets").
+"""The prompt sets of the task-vector study (docs/specs/taskvec.md, "Prompt sets").
 
 Deterministic from the word list alone (no seed): words in list order, even indices train,
 odd indices held out. Every kind of prompt is built by ``extract.stages.prompts.build_prompts`` with a

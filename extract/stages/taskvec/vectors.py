@@ -1,4 +1,4 @@
-"""The vectors of the study, from TRAIN words only (specs/taskvec.md, "Vectors").
+"""The vectors of the study, from TRAIN words only (docs/specs/taskvec.md, "Vectors").
 
 - TV_S[b]: mean over train words of resid[b] at the last position of S(x), S in demo, repeat;
 - SV[b] = mean resid[b](repeat(x)) - mean resid[b](echo(x)) at the last position;
