@@ -180,7 +180,7 @@ def test_faithfulness_equals_one_hooked_circuit_forward(fam):
         empty = float(hc.metric(hc.circuit_logits(hk, CLEAN, repl, torch.zeros_like(hk.exists)), "ld", t, lp))
         ref_corr = mx if rep == "patch" else empty
         for mi, si, xi in ((0, 0, 7), (1, 1, 8), (2, 0, 9), (2, 1, 5)):
-            sign = float(np.sign(ps.metric_clean[0] - ps.metric_corr[0]))
+            sign = float(np.sign(mc - ref_corr))  # the normalisation's M(corrupted): empty circuit under mean/zero
             inside = np.zeros(g.n_edges, bool)
             inside[select(ps.scores[mi, 0], int(pc.n_edges[xi]), ("abs", "signed")[si], sign)] = True
             lg = hc.circuit_logits(hk, CLEAN, repl, torch.as_tensor(g.matrix(inside)))
