@@ -132,10 +132,14 @@ def _heads(ctx: Ctx, heads: pl.DataFrame) -> None:
 
 
 def _steering(ctx: Ctx, st: pl.DataFrame) -> None:
-    """Per direction: the largest accuracy change steering makes from the clean prompt."""
+    """Per direction: the largest accuracy change steering makes from the clean prompt towards the
+    other template's clean accuracy (up for echo -> repeat, down for repeat -> echo)."""
     for (direction,), g in st.group_by(["direction"], maintain_order=True):
-        g = g.with_columns((pl.col("accuracy") - pl.col("dest_clean_accuracy")).alias("gain"))
-        best = g.sort(["gain", "mean_target_prob"], descending=True).row(0, named=True)
+        way = (pl.col("towards_clean_accuracy") - pl.col("dest_clean_accuracy")).sign()
+        way = pl.when(way == 0).then(1).otherwise(way)
+        g = g.with_columns(((pl.col("accuracy") - pl.col("dest_clean_accuracy")) * way).alias("gain"),
+                           (pl.col("mean_target_prob") * way).alias("prob_gain"))
+        best = g.sort(["gain", "prob_gain"], descending=True).row(0, named=True)
         dest, towards = direction.split("->")
         ctx.findings.add(REPEAT, f"Steering {dest} prompts towards {towards} ({best['position_mode']} position mode, "
                                  f"layer {best['layer']}, coefficient {best['coefficient']:g}) gives "
