@@ -116,7 +116,7 @@ def test_lens_and_dla_against_hf_forward(fam):
             for h in hooks:
                 h.remove()
         resid = [hs[0, -1] for hs in out.hidden_states[:L]] + [rec["final"][-1]]  # L+1 boundaries
-        d = got[p.index].arrays
+        d = {f.name: v for f, v in got[p.index].arrays.items()}  # keyed by store.schema.F fields
         t = int(p.candidates[0][1])
         for layer in range(L + 1):
             ref = logits(resid[layer])
