@@ -99,8 +99,8 @@ def test_every_view_is_each_warehouse_alone_plus_a_model_column(cmp, pair) -> No
             mine = mine.with_columns([pl.col(c).cast(alone.schema[c]) for c in mine.columns
                                       if mine.schema[c] != alone.schema[c]])
             assert mine.equals(alone), (v.name, label)
-            # head_out_all needs --head-out-all-positions, the patching views --patching, circuit_* --circuits
-            assert mine.height > 0 or v.name == "head_out_all" or v.name.startswith(("patching", "circuit_")), v.name
+            # head_out_all needs --head-out-all-positions, the patching views --patching, circuit_* --circuits, taskvec_* --task-vectors
+            assert mine.height > 0 or v.name == "head_out_all" or v.name.startswith(("patching", "circuit_", "taskvec_")), v.name
 
 
 def test_single_warehouse_views_have_no_model_column(pair) -> None:

@@ -37,7 +37,7 @@ def test_every_analysis_gives_rows_on_a_real_warehouse(real):
             assert df.columns == [c[0] for c in a.columns], a.name
             if a.name == "ablation_flips":
                 assert df.height == flips
-            elif a.name.startswith(("patching_", "circuit_")):  # no --patching/--circuits: empty, with the columns
+            elif a.name.startswith(("patching_", "circuit_", "taskvec_")):  # no --patching/--circuits/--task-vectors: empty
                 assert df.height == 0, a.name
             else:
                 assert df.height > 0, a.name
