@@ -14,7 +14,10 @@ from echowh.cli import main
 VIEWS_LINE = ("views: prompts, tokens, generations, logit_lens, lens_topk, dla, ablation, ablation_topk, "
               "validation, manifest, models, heads, vocab, emergence, resid, attn_out, mlp_out, head_out, head_out_all, "
               "attention, patching, patching_pairs, patching_positions, patching_validation, head_norms, resid_top, "
-              "lens_first, attention_norm, first_token_share")
+              "lens_first, attention_norm, first_token_share, circuit_pairs, circuit_graph, circuit_nodes, "
+              "circuit_scores, circuit_edges, circuit_faithfulness, circuit_summary, circuit_exact, "
+              "circuit_validation, taskvec_interventions, taskvec_clean, taskvec_aie, taskvec_vectors, "
+              "taskvec_split, taskvec_validation")
 
 
 def run(*args: str):

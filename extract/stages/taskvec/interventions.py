@@ -176,7 +176,7 @@ def _clean_ref(p: TVPrompt, clean: torch.Tensor) -> tuple[int, float, int, int, 
     """(target id, prob, rank, top-1 id, echo-correct) of a clean run."""
     _, tid, _ = choose_target(p.prompt, clean)
     top1 = int(clean.argmax())
-    prob = float(torch.softmax(clean.double(), -1)[tid])
+    prob = float(torch.softmax(clean, -1)[tid])
     return tid, prob, int((clean > clean[tid]).sum()), top1, top1 in p.candidate_ids
 
 
