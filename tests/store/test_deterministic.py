@@ -70,12 +70,12 @@ def test_a_run_interrupted_during_ablation_then_resumed_has_the_straight_runs_by
     real = store.warehouse.WarehouseWriter.shard_writer
     calls = {"ablation": 0}
 
-    def interrupting(self, index, subdir="prompts"):
+    def interrupting(self, index, subdir="prompts", *args, **kwargs):
         if subdir == "ablation":
             calls["ablation"] += 1
             if calls["ablation"] == 3:
                 raise KeyboardInterrupt
-        return real(self, index, subdir)
+        return real(self, index, subdir, *args, **kwargs)
 
     monkeypatch.setattr(store.warehouse.WarehouseWriter, "shard_writer", interrupting)
     with pytest.raises(KeyboardInterrupt):
